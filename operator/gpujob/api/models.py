@@ -1,0 +1,163 @@
+"""Pydantic models of the GpuJob resource (spec and status).
+
+Field names are camelCase on the wire (alias) and snake_case in Python. Defaults mirror crds/gpujob.yaml;
+a unit test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.alias_generators import to_camel
+
+from gpujob.api.constants import DEFAULT_GPU_RESOURCE, DEFAULT_NON_RETRYABLE_EXIT_CODES, JobType, Phase
+
+# A GPU extended resource: nvidia.com/gpu, nvidia.com/mig-1g.10gb, amd.com/gpu, ...
+GPU_RESOURCE_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[a-z0-9]([-a-z0-9._]*[a-z0-9])?$"
+JOB_ID_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._:-]{0,126}[A-Za-z0-9])?$"
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+# Our own env names are reserved: a job may not override its identity or credentials.
+RESERVED_ENV_PREFIX = "GPUJOB_"
+
+
+class WireModel(BaseModel):
+    """camelCase on the wire, snake_case in Python; unknown fields rejected."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    def wire(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class RetryPolicy(WireModel):
+    limit: int = Field(3, ge=0, le=100, description="Failed attempts retried before the job fails.")
+    backoff_seconds: int = Field(10, ge=0, le=86400, description="Back-off before the first retry.")
+    max_backoff_seconds: int = Field(600, ge=0, le=86400, description="Cap of the exponential back-off.")
+    non_retryable_exit_codes: list[int] = Field(
+        default_factory=lambda: list(DEFAULT_NON_RETRYABLE_EXIT_CODES),
+        description="Container exit codes that fail the job at once.",
+    )
+
+    def backoff(self, failures: int) -> float:
+        """Seconds to wait before the attempt that follows `failures` failed attempts (1-based)."""
+        if failures <= 0:
+            return 0.0
+        return float(min(self.max_backoff_seconds, self.backoff_seconds * 2 ** (failures - 1)))
+
+
+class ModelsVolume(WireModel):
+    claim_name: str | None = Field(
+        None, pattern=DNS_LABEL_PATTERN, description="PVC in the job's namespace; default from settings."
+    )
+    read_only: bool = Field(True, description="Mount the models volume read-only.")
+    sub_path: str | None = Field(None, description="Mount only this sub-path of the claim.")
+
+    @field_validator("sub_path")
+    @classmethod
+    def _relative(cls, value: str | None) -> str | None:
+        if value is not None and (value.startswith("/") or ".." in value.split("/")):
+            raise ValueError("subPath must be a relative path inside the claim")
+        return value
+
+
+class EnvVar(WireModel):
+    name: str = Field(pattern=ENV_NAME_PATTERN)
+    value: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value.startswith(RESERVED_ENV_PREFIX):
+            raise ValueError(f"env names starting with {RESERVED_ENV_PREFIX} are reserved for the operator")
+        return value
+
+
+class Toleration(WireModel):
+    key: str | None = None
+    operator: str | None = Field(None, pattern="^(Exists|Equal)$")
+    value: str | None = None
+    effect: str | None = Field(None, pattern="^(NoSchedule|PreferNoSchedule|NoExecute)$")
+    toleration_seconds: int | None = None
+
+
+class Resources(WireModel):
+    requests: dict[str, str | int] = Field(default_factory=dict)
+    limits: dict[str, str | int] = Field(default_factory=dict)
+
+
+class GpuJobSpec(WireModel):
+    type: JobType
+    job_id: str | None = Field(None, pattern=JOB_ID_PATTERN, description="Defaults to metadata.name.")
+    params: dict[str, Any] = Field(default_factory=dict)
+    image: str | None = Field(None, min_length=1, description="Defaults to the operator's worker image.")
+    image_pull_policy: str | None = Field(None, pattern="^(Always|IfNotPresent|Never)$")
+    command: list[str] | None = Field(None, description="Defaults to the worker entrypoint.")
+    args: list[str] = Field(default_factory=list)
+    env: list[EnvVar] = Field(default_factory=list)
+    gpus: int = Field(1, ge=0, le=64)
+    gpu_resource: str = Field(DEFAULT_GPU_RESOURCE, pattern=GPU_RESOURCE_PATTERN)
+    gpu_product: str | None = None
+    resources: Resources = Field(default_factory=Resources)
+    priority_class_name: str | None = None
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    timeout_seconds: int | None = Field(None, ge=1, description="activeDeadlineSeconds of each attempt.")
+    pending_timeout_seconds: int = Field(600, ge=1)
+    retries: RetryPolicy = Field(default_factory=RetryPolicy)
+    ttl_seconds_after_finished: int | None = Field(None, ge=0)
+    suspend: bool = False
+    models: ModelsVolume = Field(default_factory=ModelsVolume)
+
+    @field_validator("resources")
+    @classmethod
+    def _no_gpu_in_resources(cls, value: Resources) -> Resources:
+        for key in [*value.requests, *value.limits]:
+            if re.fullmatch(r"nvidia\.com/.*|amd\.com/gpu", key):
+                raise ValueError(f"set GPUs with spec.gpus/spec.gpuResource, not resources ({key})")
+        return value
+
+
+class Progress(WireModel):
+    percent: float = Field(0.0, ge=0, le=100)
+    message: str = ""
+
+
+class Condition(WireModel):
+    type: str
+    status: str  # "True" | "False" | "Unknown"
+    reason: str
+    message: str = ""
+    last_transition_time: str
+    observed_generation: int | None = None
+
+
+class Artifact(WireModel):
+    key: str
+    size: int = Field(ge=0)
+    sha256: str
+
+
+class GpuJobStatus(WireModel):
+    """What the operator writes; unknown keys are tolerated (kopf keeps its own bookkeeping here)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    phase: Phase | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    attempts: int = 0
+    failures: int = 0  # attempts that failed by the job's own fault (count against retries.limit)
+    pod_name: str | None = None
+    node_name: str | None = None
+    start_time: str | None = None
+    completion_time: str | None = None
+    next_attempt_time: str | None = None
+    progress: Progress | None = None
+    reason: str | None = None
+    message: str | None = None
+    exit_code: int | None = None
+    observed_generation: int | None = None
+    artifacts: list[Artifact] = Field(default_factory=list)
+    metrics: dict[str, float] = Field(default_factory=dict)
