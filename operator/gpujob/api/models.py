@@ -109,6 +109,7 @@ class GpuJobSpec(WireModel):
     retries: RetryPolicy = Field(default_factory=RetryPolicy)
     ttl_seconds_after_finished: int | None = Field(None, ge=0)
     suspend: bool = False
+    cancel: bool = Field(False, description="Stop the job for good: Pod deleted, phase Cancelled.")
     models: ModelsVolume = Field(default_factory=ModelsVolume)
 
     @field_validator("resources")

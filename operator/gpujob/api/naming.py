@@ -1,0 +1,36 @@
+"""Deterministic names: a GpuJob's name from its jobId, a Pod's name from its GpuJob and attempt."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+MAX_NAME = 63  # a DNS-1123 label: also fits Pod hostnames and label values
+_HASH_LEN = 10
+_NOT_ALLOWED = re.compile(r"[^a-z0-9-]+")
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:_HASH_LEN]
+
+
+def dns_label(text: str, max_len: int = MAX_NAME) -> str:
+    """`text` itself when it is already a valid DNS-1123 label of at most `max_len`, else a readable
+    prefix plus a hash of the original (so two different inputs never collide on the same name)."""
+    if len(text) <= max_len and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", text):
+        return text
+    cleaned = _NOT_ALLOWED.sub("-", text.lower()).strip("-")
+    prefix = cleaned[: max_len - _HASH_LEN - 1].rstrip("-")
+    return f"{prefix}-{_digest(text)}" if prefix else f"j{_digest(text)}"
+
+
+def job_name(job_id: str) -> str:
+    """The GpuJob name for a stream request's jobId (the same jobId always gives the same name)."""
+    return dns_label(job_id)
+
+
+def pod_name(job_name: str, uid: str, attempt: int) -> str:
+    """One Pod per attempt. The GpuJob's uid is in the name, so a GpuJob deleted and re-created
+    under the same name never collides with a Pod of its previous life that is still terminating."""
+    suffix = f"-{uid.replace('-', '')[:5]}-{attempt}"
+    return f"{job_name[: MAX_NAME - len(suffix)].rstrip('-')}{suffix}"
