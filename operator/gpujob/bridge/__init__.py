@@ -1,0 +1,1 @@
+"""Redis side of the operator: stream intake and progress events."""
