@@ -1,0 +1,120 @@
+"""The one Kubernetes API wrapper: a shared async client; 409 on create and 404 on delete mean "already done"."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from enum import StrEnum
+from typing import Any
+
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from gpujob.api.constants import GROUP, PLURAL, VERSION
+
+
+class Outcome(StrEnum):
+    CREATED = "created"
+    EXISTED = "existed"
+    DELETED = "deleted"
+    ABSENT = "absent"
+    PATCHED = "patched"
+
+
+_api: client.ApiClient | None = None
+_lock = asyncio.Lock()
+
+
+async def api_client() -> client.ApiClient:
+    """One ApiClient per process (connection pool shared by every handler)."""
+    global _api
+    async with _lock:
+        if _api is None:
+            configuration = client.Configuration()
+            if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
+                config.load_incluster_config(client_configuration=configuration)
+            else:
+                await config.load_kube_config(client_configuration=configuration)
+            configuration.connection_pool_maxsize = 64
+            _api = client.ApiClient(configuration)
+        return _api
+
+
+async def close() -> None:
+    global _api
+    async with _lock:
+        if _api is not None:
+            await _api.close()
+            _api = None
+
+
+def is_status(exc: BaseException, *codes: int) -> bool:
+    return isinstance(exc, ApiException) and exc.status in codes
+
+
+async def create_pod(namespace: str, body: dict[str, Any]) -> Outcome:
+    core: Any = client.CoreV1Api(await api_client())  # stubs don't accept dict bodies
+    try:
+        await core.create_namespaced_pod(namespace, body)
+    except ApiException as exc:
+        if exc.status == 409:
+            return Outcome.EXISTED
+        raise
+    return Outcome.CREATED
+
+
+async def delete_pod(namespace: str, name: str, grace_seconds: int | None = None) -> Outcome:
+    core: Any = client.CoreV1Api(await api_client())  # stubs don't accept dict bodies
+    try:
+        await core.delete_namespaced_pod(name, namespace, grace_period_seconds=grace_seconds)
+    except ApiException as exc:
+        if exc.status == 404:
+            return Outcome.ABSENT
+        raise
+    return Outcome.DELETED
+
+
+async def create_gpujob(namespace: str, body: dict[str, Any]) -> Outcome:
+    custom: Any = client.CustomObjectsApi(await api_client())
+    try:
+        await custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+    except ApiException as exc:
+        if exc.status == 409:
+            return Outcome.EXISTED
+        raise
+    return Outcome.CREATED
+
+
+async def get_gpujob(namespace: str, name: str) -> dict[str, Any] | None:
+    custom: Any = client.CustomObjectsApi(await api_client())
+    try:
+        obj: dict[str, Any] = await custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return obj
+
+
+async def patch_gpujob(namespace: str, name: str, patch: dict[str, Any], *, status: bool = False) -> Outcome:
+    """JSON merge-patch of a GpuJob (or its status subresource); 404 = the job is gone."""
+    custom: Any = client.CustomObjectsApi(await api_client())
+    method = custom.patch_namespaced_custom_object_status if status else custom.patch_namespaced_custom_object
+    try:
+        await method(GROUP, VERSION, namespace, PLURAL, name, patch, _content_type="application/merge-patch+json")
+    except ApiException as exc:
+        if exc.status == 404:
+            return Outcome.ABSENT
+        raise
+    return Outcome.PATCHED
+
+
+async def delete_gpujob(namespace: str, name: str) -> Outcome:
+    custom: Any = client.CustomObjectsApi(await api_client())
+    try:
+        await custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    except ApiException as exc:
+        if exc.status == 404:
+            return Outcome.ABSENT
+        raise
+    return Outcome.DELETED
