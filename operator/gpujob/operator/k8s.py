@@ -32,7 +32,7 @@ async def api_client() -> client.ApiClient:
         if _api is None:
             configuration = client.Configuration()
             if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
-                config.load_incluster_config(client_configuration=configuration)
+                config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
             else:
                 await config.load_kube_config(client_configuration=configuration)
             configuration.connection_pool_maxsize = 64
