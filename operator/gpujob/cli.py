@@ -7,13 +7,19 @@ import sys
 
 # sub-command -> "module:function"; each function takes argv (after the sub-command) and returns an exit code.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "operator": ("gpujob.operator.main:main", "run the kopf operator (and the Redis bridge if GPUJOB_REDIS_URL is set)"),
+    "operator": (
+        "gpujob.operator.main:main",
+        "run the kopf operator (and the Redis bridge if GPUJOB_REDIS_URL is set)",
+    ),
     "bridge": ("gpujob.bridge.cli:bridge_main", "run only the Redis Stream intake bridge"),
     "submit": ("gpujob.bridge.cli:submit_main", "XADD a job request to the stream, print its jobId"),
     "watch": ("gpujob.bridge.cli:watch_main", "follow a job's progress events"),
     "schema": ("gpujob.bridge.cli:schema_main", "print JSON Schemas of the contracts (request, event)"),
     "worker": ("gpujob.worker.cli:main", "run a job inside its Pod (reads GPUJOB_JOB_* env)"),
-    "sandbox": ("gpujob.sandbox.cli:main", "local control plane: Kubernetes API emulator (+ kubelet, redis, s3)"),
+    "sandbox": (
+        "gpujob.sandbox.cli:main",
+        "local control plane: Kubernetes API emulator (+ kubelet, redis, s3)",
+    ),
 }
 
 

@@ -19,12 +19,19 @@ class Settings(BaseSettings):
     image_pull_policy: str = "IfNotPresent"
     models_pvc: str = Field("gpujob-models", description="Default PVC mounted at /opt/models.")
     worker_secret: str = Field(
-        "gpujob-worker", description="Secret in the job's namespace whose keys become the Pod's env (optional)."
+        "gpujob-worker",
+        description="Secret in the job's namespace whose keys become the Pod's env (optional).",
     )
     worker_env_passthrough: list[str] = Field(
-        default_factory=lambda: ["GPUJOB_S3_ENDPOINT", "GPUJOB_S3_BUCKET", "GPUJOB_S3_SECURE", "GPUJOB_S3_REGION"],
+        default_factory=lambda: [
+            "GPUJOB_S3_ENDPOINT",
+            "GPUJOB_S3_BUCKET",
+            "GPUJOB_S3_SECURE",
+            "GPUJOB_S3_REGION",
+        ],
         description="Non-secret operator settings copied into job Pods as plain env.",
     )
+    pod_run_as_user: int = Field(10001, description="uid/gid job Pods run as (the worker image's user).")
     status_progress_interval: float = Field(2.0, description="Min seconds between progress writes to status.")
     peering: str | None = Field(None, description="kopf peering object name (HA); None = standalone.")
 

@@ -12,7 +12,7 @@ class ProgressEvent(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    jobId: str  # noqa: N815 - wire name fixed by the contract
+    jobId: str
     status: str
     progress: float = Field(ge=0, le=100)
     message: str = ""

@@ -34,3 +34,13 @@ def pod_name(job_name: str, uid: str, attempt: int) -> str:
     under the same name never collides with a Pod of its previous life that is still terminating."""
     suffix = f"-{uid.replace('-', '')[:5]}-{attempt}"
     return f"{job_name[: MAX_NAME - len(suffix)].rstrip('-')}{suffix}"
+
+
+def label_value(text: str) -> str:
+    """A valid label value (≤63 chars of [A-Za-z0-9._-], alphanumeric at both ends) for any jobId:
+    the jobId itself when it fits, else a readable prefix plus a hash of it."""
+    if len(text) <= MAX_NAME and re.fullmatch(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?", text):
+        return text
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-_.")
+    prefix = cleaned[: MAX_NAME - _HASH_LEN - 1].rstrip("-_.")
+    return f"{prefix}-{_digest(text)}" if prefix else _digest(text)

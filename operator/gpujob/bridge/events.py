@@ -60,7 +60,12 @@ class _Keys:
     def script_args(self, event: ProgressEvent) -> tuple[list[str], list[str | int]]:
         s = self.settings
         keys = [f"{s.seq_key_prefix}{event.jobId}", self.state(event.jobId), s.events_stream]
-        args: list[str | int] = [event.to_json(), self.channel(event.jobId), s.state_ttl_seconds, s.events_maxlen]
+        args: list[str | int] = [
+            event.to_json(),
+            self.channel(event.jobId),
+            s.state_ttl_seconds,
+            s.events_maxlen,
+        ]
         return keys, args
 
 

@@ -52,15 +52,57 @@ def is_status(exc: BaseException, *codes: int) -> bool:
     return isinstance(exc, ApiException) and exc.status in codes
 
 
-async def create_pod(namespace: str, body: dict[str, Any]) -> Outcome:
-    core: Any = client.CoreV1Api(await api_client())  # stubs don't accept dict bodies
+async def create_pod(namespace: str, body: dict[str, Any]) -> tuple[Outcome, dict[str, Any] | None]:
+    """Create a Pod; returns the created object as the API server stored it (None if it already existed)."""
+    api = await api_client()
+    core: Any = client.CoreV1Api(api)  # stubs don't accept dict bodies
     try:
-        await core.create_namespaced_pod(namespace, body)
+        created = await core.create_namespaced_pod(namespace, body, _preload_content=False)
     except ApiException as exc:
         if exc.status == 409:
-            return Outcome.EXISTED
+            return Outcome.EXISTED, None
         raise
-    return Outcome.CREATED
+    data: dict[str, Any] = await created.json()
+    return Outcome.CREATED, data
+
+
+async def list_pods(namespaces: list[str] | None, label_selector: str) -> list[dict[str, Any]]:
+    """Raw Pod dicts (all namespaces when `namespaces` is None), following `continue` pages."""
+    core: Any = client.CoreV1Api(await api_client())
+    items: list[dict[str, Any]] = []
+    targets: list[str | None] = list(namespaces) if namespaces else [None]
+    for namespace in targets:
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {
+                "label_selector": label_selector,
+                "limit": 500,
+                "_preload_content": False,
+            }
+            if token:
+                kwargs["_continue"] = token
+            if namespace is None:
+                resp = await core.list_pod_for_all_namespaces(**kwargs)
+            else:
+                resp = await core.list_namespaced_pod(namespace, **kwargs)
+            page = await resp.json()
+            items += page.get("items") or []
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                break
+    return items
+
+
+async def get_pod(namespace: str, name: str) -> dict[str, Any] | None:
+    core: Any = client.CoreV1Api(await api_client())
+    try:
+        resp = await core.read_namespaced_pod(name, namespace, _preload_content=False)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    data: dict[str, Any] = await resp.json()
+    return data
 
 
 async def delete_pod(namespace: str, name: str, grace_seconds: int | None = None) -> Outcome:
@@ -88,7 +130,9 @@ async def create_gpujob(namespace: str, body: dict[str, Any]) -> Outcome:
 async def get_gpujob(namespace: str, name: str) -> dict[str, Any] | None:
     custom: Any = client.CustomObjectsApi(await api_client())
     try:
-        obj: dict[str, Any] = await custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        obj: dict[str, Any] = await custom.get_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name
+        )
     except ApiException as exc:
         if exc.status == 404:
             return None
@@ -101,12 +145,42 @@ async def patch_gpujob(namespace: str, name: str, patch: dict[str, Any], *, stat
     custom: Any = client.CustomObjectsApi(await api_client())
     method = custom.patch_namespaced_custom_object_status if status else custom.patch_namespaced_custom_object
     try:
-        await method(GROUP, VERSION, namespace, PLURAL, name, patch, _content_type="application/merge-patch+json")
+        await method(
+            GROUP, VERSION, namespace, PLURAL, name, patch, _content_type="application/merge-patch+json"
+        )
     except ApiException as exc:
         if exc.status == 404:
             return Outcome.ABSENT
         raise
     return Outcome.PATCHED
+
+
+async def patch_gpujob_status(
+    namespace: str, name: str, status: dict[str, Any], resource_version: str | None
+) -> dict[str, Any] | None:
+    """Merge-patch the status subresource, guarded by resourceVersion (409 if someone wrote in between).
+    Returns the stored object, or None when the GpuJob is gone."""
+    custom: Any = client.CustomObjectsApi(await api_client())
+    body: dict[str, Any] = {"status": status}
+    if resource_version:
+        body["metadata"] = {"resourceVersion": resource_version}
+    try:
+        resp = await custom.patch_namespaced_custom_object_status(
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            name,
+            body,
+            _content_type="application/merge-patch+json",
+            _preload_content=False,
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    data: dict[str, Any] = await resp.json()
+    return data
 
 
 async def delete_gpujob(namespace: str, name: str) -> Outcome:

@@ -1,0 +1,189 @@
+"""Pure builders: the Pod of one attempt of a GpuJob, as a plain dict (no I/O)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpujob.api.constants import (
+    API_VERSION,
+    CONTAINER_NAME,
+    GPU_PRODUCT_LABEL,
+    GPU_TAINT_KEY,
+    KIND,
+    MANAGER,
+    MODELS_MOUNT_PATH,
+    MODELS_VOLUME_NAME,
+    TERMINATION_MESSAGE_PATH,
+    Label,
+)
+from gpujob.api.models import GpuJobSpec
+from gpujob.api.naming import label_value, pod_name
+
+
+@dataclass(frozen=True)
+class PodDefaults:
+    """Operator settings that shape every job Pod (from gpujob.settings, passed in so builders stay pure)."""
+
+    worker_image: str
+    worker_command: tuple[str, ...]
+    image_pull_policy: str = "IfNotPresent"
+    models_pvc: str = "gpujob-models"
+    worker_secret: str | None = "gpujob-worker"
+    run_as_user: int = 10001
+    passthrough_env: dict[str, str] = field(default_factory=dict)  # non-secret settings, e.g. S3 endpoint
+    shm_size: str = "2Gi"
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """Identity of the owning GpuJob."""
+
+    namespace: str
+    name: str
+    uid: str
+
+    def owner_reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def job_id_of(ref: JobRef, spec: GpuJobSpec) -> str:
+    return spec.job_id or ref.name
+
+
+def pod_labels(ref: JobRef, spec: GpuJobSpec, attempt: int) -> dict[str, str]:
+    return {
+        Label.JOB_ID: label_value(job_id_of(ref, spec)),
+        Label.JOB_NAME: ref.name,
+        Label.TYPE: spec.type.value,
+        Label.ATTEMPT: str(attempt),
+        Label.MANAGED_BY: MANAGER,
+    }
+
+
+def _env(ref: JobRef, spec: GpuJobSpec, attempt: int, defaults: PodDefaults) -> list[dict[str, Any]]:
+    # User env first; ours last so they win (the CRD and the model also forbid GPUJOB_* user names).
+    env: list[dict[str, Any]] = [{"name": e.name, "value": e.value} for e in spec.env]
+    env += [{"name": k, "value": v} for k, v in sorted(defaults.passthrough_env.items())]
+    env += [
+        {"name": "GPUJOB_JOB_ID", "value": job_id_of(ref, spec)},
+        {"name": "GPUJOB_JOB_TYPE", "value": spec.type.value},
+        {
+            "name": "GPUJOB_JOB_PARAMS",
+            "value": json.dumps(spec.params, separators=(",", ":"), sort_keys=True),
+        },
+        {"name": "GPUJOB_ATTEMPT", "value": str(attempt)},
+        {"name": "GPUJOB_MODELS_DIR", "value": MODELS_MOUNT_PATH},
+        {"name": "GPUJOB_TERMINATION_MESSAGE_PATH", "value": TERMINATION_MESSAGE_PATH},
+        {"name": "GPUJOB_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "GPUJOB_POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+    ]
+    return env
+
+
+def _resources(spec: GpuJobSpec) -> dict[str, Any]:
+    requests = {k: str(v) for k, v in spec.resources.requests.items()}
+    limits = {k: str(v) for k, v in spec.resources.limits.items()}
+    if spec.gpus > 0:
+        # Extended resources can't be overcommitted: request = limit.
+        limits[spec.gpu_resource] = str(spec.gpus)
+        requests[spec.gpu_resource] = str(spec.gpus)
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _tolerations(spec: GpuJobSpec) -> list[dict[str, Any]]:
+    tolerations = [t.wire() for t in spec.tolerations]
+    if spec.gpus > 0 and not any(t.get("key") == GPU_TAINT_KEY for t in tolerations):
+        # The device plugin does not add it, and many clusters taint their GPU nodes.
+        tolerations.append({"key": GPU_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"})
+    return tolerations
+
+
+def build_pod(ref: JobRef, spec: GpuJobSpec, attempt: int, defaults: PodDefaults) -> dict[str, Any]:
+    """The Pod of `attempt` (1-based): deterministic name, owned by the GpuJob, restricted security context."""
+    node_selector = dict(spec.node_selector)
+    if spec.gpu_product:
+        node_selector[GPU_PRODUCT_LABEL] = spec.gpu_product
+    mount: dict[str, Any] = {
+        "name": MODELS_VOLUME_NAME,
+        "mountPath": MODELS_MOUNT_PATH,
+        "readOnly": spec.models.read_only,
+    }
+    if spec.models.sub_path:
+        mount["subPath"] = spec.models.sub_path
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": spec.image or defaults.worker_image,
+        "imagePullPolicy": spec.image_pull_policy or defaults.image_pull_policy,
+        "command": list(spec.command or defaults.worker_command),
+        "args": list(spec.args),
+        "env": _env(ref, spec, attempt, defaults),
+        "resources": _resources(spec),
+        "volumeMounts": [mount, {"name": "dshm", "mountPath": "/dev/shm"}],
+        "terminationMessagePath": TERMINATION_MESSAGE_PATH,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "privileged": False,
+            "capabilities": {"drop": ["ALL"]},
+            "runAsNonRoot": True,
+        },
+    }
+    if defaults.worker_secret:
+        container["envFrom"] = [{"secretRef": {"name": defaults.worker_secret, "optional": True}}]
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "containers": [container],
+        "volumes": [
+            {
+                "name": MODELS_VOLUME_NAME,
+                "persistentVolumeClaim": {
+                    "claimName": spec.models.claim_name or defaults.models_pvc,
+                    "readOnly": spec.models.read_only,
+                },
+            },
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": defaults.shm_size}},
+        ],
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": defaults.run_as_user,
+            "runAsGroup": defaults.run_as_user,
+            "fsGroup": defaults.run_as_user,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "terminationGracePeriodSeconds": 60,  # time for the worker to save a checkpoint on SIGTERM
+    }
+    if node_selector:
+        pod_spec["nodeSelector"] = node_selector
+    if tolerations := _tolerations(spec):
+        pod_spec["tolerations"] = tolerations
+    if spec.priority_class_name:
+        pod_spec["priorityClassName"] = spec.priority_class_name
+    if spec.timeout_seconds:
+        pod_spec["activeDeadlineSeconds"] = spec.timeout_seconds
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": pod_name(ref.name, ref.uid, attempt),
+            "namespace": ref.namespace,
+            "labels": pod_labels(ref, spec, attempt),
+            "ownerReferences": [ref.owner_reference()],
+        },
+        "spec": pod_spec,
+    }

@@ -1,0 +1,120 @@
+"""In-memory view of GpuJobs and their Pods, fed by kopf's watch events and by our own API responses.
+
+Kept small on purpose (10,000 jobs must fit in well under 250 MB): jobs keep metadata essentials, spec and
+status; Pods are reduced to a PodView. Pods are filed under their owner's uid, so a GpuJob deleted and
+re-created under the same name never sees the Pods of its previous life.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpujob.api.constants import KIND
+from gpujob.operator.status import PodView, pod_view
+
+JobKey = tuple[str, str]  # (namespace, name)
+
+_KEEP_META = (
+    "name",
+    "namespace",
+    "uid",
+    "generation",
+    "resourceVersion",
+    "creationTimestamp",
+    "deletionTimestamp",
+)
+
+
+def _newer(incoming: str | None, stored: str | None) -> bool:
+    """Whether an object version is not older than what we hold (resourceVersions compare as ints here;
+    anything else is taken as newer, which is what a real API server's opaque versions require)."""
+    if not incoming or not stored:
+        return True
+    try:
+        return int(incoming) >= int(stored)
+    except ValueError:
+        return True
+
+
+def slim_job(body: dict[str, Any]) -> dict[str, Any]:
+    meta = body.get("metadata") or {}
+    return {
+        "metadata": {k: meta[k] for k in _KEEP_META if k in meta},
+        "spec": dict(body.get("spec") or {}),
+        "status": dict(body.get("status") or {}),
+    }
+
+
+def owner_uid(pod: dict[str, Any]) -> str | None:
+    for ref in (pod.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("kind") == KIND and ref.get("controller"):
+            uid: str | None = ref.get("uid")
+            return uid
+    return None
+
+
+@dataclass
+class Store:
+    jobs: dict[JobKey, dict[str, Any]] = field(default_factory=dict)
+    pods: dict[str, dict[str, PodView]] = field(default_factory=dict)  # owner uid -> pod name -> view
+    by_job_id: dict[str, JobKey] = field(default_factory=dict)
+    by_uid: dict[str, JobKey] = field(default_factory=dict)
+
+    # --- jobs
+    def put_job(self, body: dict[str, Any]) -> JobKey:
+        job = slim_job(body)
+        meta = job["metadata"]
+        key: JobKey = (meta.get("namespace", ""), meta.get("name", ""))
+        held = self.jobs.get(key)
+        if (
+            held is None
+            or held["metadata"].get("uid") != meta.get("uid")
+            or _newer(meta.get("resourceVersion"), held["metadata"].get("resourceVersion"))
+        ):
+            self.jobs[key] = job
+            self.by_job_id[job["spec"].get("jobId") or key[1]] = key
+            self.by_uid[meta.get("uid", "")] = key
+        return key
+
+    def drop_job(self, key: JobKey) -> None:
+        job = self.jobs.pop(key, None)
+        if job is not None:
+            uid = job["metadata"].get("uid", "")
+            self.pods.pop(uid, None)
+            self.by_uid.pop(uid, None)
+            job_id = job["spec"].get("jobId") or key[1]
+            if self.by_job_id.get(job_id) == key:
+                del self.by_job_id[job_id]
+
+    def job(self, key: JobKey) -> dict[str, Any] | None:
+        return self.jobs.get(key)
+
+    def key_of_job_id(self, job_id: str) -> JobKey | None:
+        return self.by_job_id.get(job_id)
+
+    # --- pods
+    def put_pod(self, pod: dict[str, Any]) -> str | None:
+        """File a Pod under its owner; returns the owner uid (None for Pods we don't own)."""
+        uid = owner_uid(pod)
+        if uid is None:
+            return None
+        view = pod_view(pod)
+        held = self.pods.setdefault(uid, {})
+        old = held.get(view.name)
+        if old is None or _newer(view.resource_version, old.resource_version):
+            held[view.name] = view
+        return uid
+
+    def drop_pod(self, pod: dict[str, Any]) -> str | None:
+        uid = owner_uid(pod)
+        if uid is not None:
+            name = (pod.get("metadata") or {}).get("name", "")
+            self.pods.get(uid, {}).pop(name, None)
+        return uid
+
+    def pods_of(self, uid: str) -> list[PodView]:
+        return list(self.pods.get(uid, {}).values())
+
+    def key_of_uid(self, uid: str) -> JobKey | None:
+        return self.by_uid.get(uid)

@@ -1,0 +1,46 @@
+"""kopf handlers: thin. Each one files what it saw and asks the reconciler to look at the job."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from gpujob.api.constants import GROUP, MANAGER, PLURAL, VERSION, Label
+from gpujob.operator.runtime import Runtime
+
+
+def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
+    @kopf.on.startup(registry=registry)
+    async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        configure(settings, runtime)
+        await runtime.start()
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(**_: Any) -> None:
+        await runtime.stop()
+
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
+    async def gpujob_event(event: kopf.RawEvent, **_: Any) -> None:
+        runtime.job_event(event.get("type"), dict(event["object"]))
+
+    @kopf.on.event("", "v1", "pods", labels={Label.MANAGED_BY: MANAGER}, registry=registry)
+    async def pod_event(event: kopf.RawEvent, **_: Any) -> None:
+        runtime.pod_event(event.get("type"), dict(event["object"]))
+
+
+def configure(settings: kopf.OperatorSettings, runtime: Runtime) -> None:
+    # Only warnings become Kubernetes Events: one Event per handled object would double our API traffic.
+    settings.posting.level = logging.WARNING
+    settings.batching.batch_window = 0.02
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.networking.request_timeout = 60
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    if runtime.settings.peering:
+        settings.peering.name = runtime.settings.peering
+        settings.peering.mandatory = True
+    else:
+        settings.peering.standalone = True

@@ -1,0 +1,61 @@
+"""`gpujob operator`: run the kopf operator (plus the Redis bridge when GPUJOB_REDIS_URL is set)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+
+import kopf
+
+from gpujob.logging import configure as configure_logging
+from gpujob.operator.handlers import register
+from gpujob.operator.runtime import Runtime, pod_defaults
+from gpujob.settings import get_settings
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="gpujob operator", description=__doc__)
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument(
+        "-n", "--namespace", action="append", default=[], help="watch this namespace (repeatable)"
+    )
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (default)")
+    parser.add_argument(
+        "--peering", help="kopf peering name for HA (default: GPUJOB_PEERING, else standalone)"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    settings = get_settings()
+    if args.peering:
+        settings.peering = args.peering
+    configure_logging(settings.log_format, settings.log_level)
+    namespaces: list[str] | None = args.namespace or None
+    runtime = Runtime(
+        settings=settings, namespaces=namespaces, defaults=pod_defaults(settings, dict(os.environ))
+    )
+    registry = kopf.OperatorRegistry()
+    register(registry, runtime)
+    asyncio.run(_run(registry, runtime, namespaces, settings.peering))
+    return 0
+
+
+async def _run(
+    registry: kopf.OperatorRegistry, runtime: Runtime, namespaces: list[str] | None, peering: str | None
+) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await kopf.operator(
+        registry=registry,
+        clusterwide=namespaces is None,
+        namespaces=namespaces or (),
+        standalone=peering is None,
+        peering_name=peering,
+        stop_flag=stop,
+    )

@@ -1,0 +1,175 @@
+"""Level-triggered reconcile of one GpuJob: observe (cache) -> decide (pure) -> act (API) -> write status once.
+
+Every trigger (GpuJob event, Pod event, timer) funnels into `Reconciler.trigger(key)`. Passes of one job are
+serialised by a per-job lock; different jobs run concurrently. Failures are retried with a capped
+exponential back-off and a capped count: no loop here retries forever (the next watch event re-triggers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from gpujob.api.constants import Reason
+from gpujob.api.models import GpuJobSpec, GpuJobStatus
+from gpujob.operator import k8s
+from gpujob.operator.builders import JobRef, PodDefaults, build_pod
+from gpujob.operator.cache import JobKey, Store
+from gpujob.operator.status import Decision, Transition, decide, fail_now, status_patch
+
+log = logging.getLogger("gpujob.reconciler")
+
+TransitionSink = Callable[[dict[str, Any], list[Transition], GpuJobStatus], Awaitable[None]]
+ErrorSink = Callable[[str], None]
+
+MAX_ERROR_RETRIES = 8  # then give up until the next watch event: 1+2+4+...+60 s ≈ 3 min of trying
+MAX_ERROR_DELAY = 60.0
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class Reconciler:
+    store: Store
+    defaults: PodDefaults
+    sinks: list[TransitionSink] = field(default_factory=list)
+    on_error: ErrorSink | None = None
+    clock: Callable[[], datetime] = utcnow
+    _locks: dict[JobKey, asyncio.Lock] = field(default_factory=dict)
+    _timers: dict[JobKey, asyncio.TimerHandle] = field(default_factory=dict)
+    _errors: dict[JobKey, int] = field(default_factory=dict)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    # --- triggers
+    def trigger_soon(self, key: JobKey, delay: float) -> None:
+        """Reconcile `key` after `delay` seconds; an earlier pending timer wins (requeue-after semantics)."""
+        loop = asyncio.get_running_loop()
+        when = loop.time() + max(0.0, delay)
+        held = self._timers.get(key)
+        if held is not None and not held.cancelled() and held.when() <= when:
+            return
+        if held is not None:
+            held.cancel()
+        self._timers[key] = loop.call_at(when, self._fire, key)
+
+    def _fire(self, key: JobKey) -> None:
+        self._timers.pop(key, None)
+        task = asyncio.get_running_loop().create_task(self.trigger(key))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def forget(self, key: JobKey) -> None:
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+        self._locks.pop(key, None)
+        self._errors.pop(key, None)
+
+    async def close(self) -> None:
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def trigger(self, key: JobKey) -> None:
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            try:
+                await self._reconcile(key)
+            except Exception as exc:  # retried below, never propagated into kopf's watcher
+                self._retry_after_error(key, exc)
+            else:
+                self._errors.pop(key, None)
+
+    def _retry_after_error(self, key: JobKey, exc: Exception) -> None:
+        count = self._errors.get(key, 0) + 1
+        self._errors[key] = count
+        if self.on_error is not None:
+            self.on_error("reconcile")
+        conflict = isinstance(exc, ApiException) and exc.status == 409
+        if count > MAX_ERROR_RETRIES:
+            log.error("giving up on %s/%s after %d errors (next event retries): %s", *key, count - 1, exc)
+            self._errors.pop(key, None)
+            return
+        delay = 0.05 if conflict else min(MAX_ERROR_DELAY, 2.0 ** (count - 1))
+        level = logging.DEBUG if conflict else logging.WARNING
+        log.log(level, "reconcile of %s/%s failed (%s); retry %d in %.1fs", *key, exc, count, delay)
+        self.trigger_soon(key, delay)
+
+    # --- one pass
+    async def _reconcile(self, key: JobKey) -> None:
+        job = self.store.job(key)
+        if job is None or job["metadata"].get("deletionTimestamp"):
+            return  # deleted: owner-reference GC removes the Pods
+        meta = job["metadata"]
+        ref = JobRef(namespace=key[0], name=key[1], uid=meta.get("uid", ""))
+        now = self.clock()
+        spec = _parse_spec(job)
+        decision = decide(job, self.store.pods_of(ref.uid), now, spec=spec)
+        vanished = (job.get("status") or {}).get("podName")
+        if vanished and any(t.reason == Reason.POD_DELETED for t in decision.transitions):
+            # The cache says the current attempt's Pod is gone; ask the API before starting over.
+            pod = await k8s.get_pod(key[0], vanished)
+            if pod is not None:
+                self.store.put_pod(pod)
+                decision = decide(job, self.store.pods_of(ref.uid), now, spec=spec)
+        for name in decision.delete_pods:
+            await k8s.delete_pod(key[0], name)
+        if decision.create_attempt is not None and spec is not None:
+            pod_body = build_pod(ref, spec, decision.create_attempt, self.defaults)
+            try:
+                _, created = await k8s.create_pod(key[0], pod_body)
+            except ApiException as exc:
+                if exc.status not in (400, 403, 422):
+                    raise
+                # The API server will never accept this Pod (invalid, or forbidden by policy/quota).
+                decision = fail_now(job, Reason.INVALID_SPEC, f"Pod rejected: {_api_message(exc)}", now)
+            else:
+                # Filed at once: the watch event may lag, and a missing Pod would look deleted.
+                if created is not None:
+                    self.store.put_pod(created)
+                decision.status.pod_name = pod_body["metadata"]["name"]
+        await self._write_status(key, job, decision)
+        if decision.delete_job:
+            await k8s.delete_gpujob(*key)
+        elif decision.requeue_after is not None:
+            self.trigger_soon(key, decision.requeue_after)
+
+    async def _write_status(self, key: JobKey, job: dict[str, Any], decision: Decision) -> None:
+        patch = status_patch(job.get("status") or {}, decision.status)
+        if not patch:
+            return
+        stored = await k8s.patch_gpujob_status(*key, patch, job["metadata"].get("resourceVersion"))
+        if stored is None:
+            return
+        self.store.put_job(stored)
+        if decision.transitions:
+            for sink in self.sinks:
+                await sink(stored, decision.transitions, decision.status)
+
+
+def _parse_spec(job: dict[str, Any]) -> GpuJobSpec | None:
+    try:
+        return GpuJobSpec.model_validate(job.get("spec") or {})
+    except ValueError:
+        return None  # decide() reports it as InvalidSpec
+
+
+def _api_message(exc: ApiException) -> str:
+    try:
+        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
+    except ValueError:
+        return str(exc.reason)

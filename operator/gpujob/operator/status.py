@@ -1,0 +1,445 @@
+"""Pure status logic: (GpuJob, its Pods, now) -> the one next state and the actions that lead there.
+
+Like the core Job controller, one pass reads the observed state, decides ONE outcome in a fixed order
+(cancel -> finished -> suspend -> current attempt's Pod -> next attempt), and returns the desired status;
+the caller acts and writes status only if it changed. No I/O, no clock: `now` is passed in.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pydantic import ValidationError
+
+from gpujob.api.constants import ConditionType, Label, Phase, Reason
+from gpujob.api.models import Artifact, Condition, GpuJobSpec, GpuJobStatus, Progress
+
+MESSAGE_LIMIT = 1024  # condition/status messages are truncated, as the Kubernetes conventions ask
+
+# Pod/container reasons that mean "not this job's fault": the Pod was taken away from outside.
+EXTERNAL_POD_REASONS = frozenset(
+    {"Evicted", "Preempting", "Preempted", "Shutdown", "NodeShutdown", "Terminated"}
+)
+WAITING_REASONS = {
+    "ImagePullBackOff": Reason.IMAGE_PULL_BACKOFF,
+    "ErrImagePull": Reason.ERR_IMAGE_PULL,
+    "InvalidImageName": Reason.ERR_IMAGE_PULL,
+    "CreateContainerConfigError": Reason.CREATE_CONTAINER_CONFIG_ERROR,
+    "CreateContainerError": Reason.CREATE_CONTAINER_CONFIG_ERROR,
+}
+
+
+def iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def truncate(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass(frozen=True)
+class PodView:
+    """What the status logic needs of a Pod (small: kept for every job in the operator's cache)."""
+
+    name: str
+    attempt: int
+    phase: str = "Pending"
+    created: datetime | None = None
+    deleting: bool = False
+    node_name: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    exit_code: int | None = None
+    reason: str | None = None  # the most specific reason: terminated/waiting container reason, pod reason
+    message: str | None = None
+    result: str | None = None  # the worker's termination message (JSON)
+    resource_version: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.phase in {"Pending", "Running", "Unknown"} and not self.deleting
+
+
+def pod_view(pod: dict[str, Any]) -> PodView:
+    meta = pod.get("metadata") or {}
+    status = pod.get("status") or {}
+    spec = pod.get("spec") or {}
+    attempt = int((meta.get("labels") or {}).get(Label.ATTEMPT, "0") or 0)
+    reason, message = status.get("reason"), status.get("message")
+    exit_code = result = None
+    started = finished = None
+    for cs in status.get("containerStatuses") or []:
+        state = cs.get("state") or {}
+        if "terminated" in state:
+            term = state["terminated"]
+            exit_code, result = term.get("exitCode"), term.get("message")
+            reason = reason or term.get("reason")
+            message = message or (None if result else term.get("message"))
+            started, finished = parse_time(term.get("startedAt")), parse_time(term.get("finishedAt"))
+        elif "waiting" in state and state["waiting"].get("reason") in WAITING_REASONS:
+            reason, message = state["waiting"]["reason"], state["waiting"].get("message")
+        elif "running" in state:
+            started = parse_time(state["running"].get("startedAt"))
+    if status.get("phase", "Pending") == "Pending" and not reason:
+        for cond in status.get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+                reason, message = cond.get("reason") or Reason.UNSCHEDULABLE, cond.get("message")
+    return PodView(
+        name=meta.get("name", ""),
+        attempt=attempt,
+        phase=status.get("phase") or "Pending",
+        created=parse_time(meta.get("creationTimestamp")),
+        deleting=bool(meta.get("deletionTimestamp")),
+        node_name=spec.get("nodeName"),
+        started_at=started or parse_time(status.get("startTime")),
+        finished_at=finished,
+        exit_code=exit_code,
+        reason=reason,
+        message=message,
+        result=result,
+        resource_version=meta.get("resourceVersion"),
+    )
+
+
+@dataclass(frozen=True)
+class Transition:
+    old: Phase | None
+    new: Phase
+    reason: str | None
+    message: str
+    attempt: int
+
+
+@dataclass
+class Decision:
+    status: GpuJobStatus
+    create_attempt: int | None = None  # create the Pod of this attempt
+    delete_pods: list[str] = field(default_factory=list)
+    requeue_after: float | None = None  # reconcile again after this many seconds
+    delete_job: bool = False  # ttlSecondsAfterFinished elapsed
+    transitions: list[Transition] = field(default_factory=list)
+
+
+def set_condition(
+    conditions: list[Condition],
+    ctype: ConditionType,
+    status: bool,
+    reason: str,
+    message: str,
+    now: datetime,
+    generation: int | None,
+) -> list[Condition]:
+    """Upsert one condition; lastTransitionTime changes only when its status flips."""
+    wanted = "True" if status else "False"
+    message = truncate(message)
+    out: list[Condition] = []
+    found = False
+    for cond in conditions:
+        if cond.type != ctype:
+            out.append(cond)
+            continue
+        found = True
+        if (cond.status, cond.reason, cond.message, cond.observed_generation) == (
+            wanted,
+            reason,
+            message,
+            generation,
+        ):
+            out.append(cond)
+        else:
+            since = cond.last_transition_time if cond.status == wanted else iso(now)
+            out.append(
+                Condition(
+                    type=ctype,
+                    status=wanted,
+                    reason=reason,
+                    message=message,
+                    last_transition_time=since,
+                    observed_generation=generation,
+                )
+            )
+    if not found:
+        out.append(
+            Condition(
+                type=ctype,
+                status=wanted,
+                reason=reason,
+                message=message,
+                last_transition_time=iso(now),
+                observed_generation=generation,
+            )
+        )
+    return out
+
+
+@dataclass
+class _Builder:
+    """Mutable working copy of the status while deciding; records phase transitions."""
+
+    status: GpuJobStatus
+    now: datetime
+    generation: int | None
+    transitions: list[Transition] = field(default_factory=list)
+
+    def cond(self, ctype: ConditionType, on: bool, reason: str, message: str = "") -> None:
+        self.status.conditions = set_condition(
+            self.status.conditions, ctype, on, reason, message, self.now, self.generation
+        )
+
+    def phase(self, new: Phase, reason: str | None = None, message: str = "") -> None:
+        old = self.status.phase
+        if old != new:
+            self.transitions.append(Transition(old, new, reason, truncate(message), self.status.attempts))
+        self.status.phase = new
+        self.status.reason = reason
+        self.status.message = truncate(message) if message else None
+
+
+def _result(pod: PodView) -> tuple[list[Artifact], dict[str, float]]:
+    """Artifacts and metrics from the worker's JSON termination message; anything else is ignored."""
+    if not pod.result:
+        return [], {}
+    try:
+        data = json.loads(pod.result)
+        artifacts = [Artifact.model_validate(a) for a in data.get("artifacts") or []]
+        metrics = {
+            str(k): float(v) for k, v in (data.get("metrics") or {}).items() if isinstance(v, int | float)
+        }
+    except (ValueError, TypeError, AttributeError, ValidationError):
+        return [], {}
+    return artifacts, metrics
+
+
+def _finish(b: _Builder, phase: Phase, reason: str, message: str) -> None:
+    b.phase(phase, reason, message)
+    b.status.completion_time = b.status.completion_time or iso(b.now)
+    b.status.next_attempt_time = None
+    b.cond(ConditionType.RUNNING, False, reason, message)
+    if phase is Phase.SUCCEEDED:
+        b.cond(ConditionType.COMPLETE, True, reason, message)
+    elif phase is Phase.FAILED:
+        b.cond(ConditionType.FAILED, True, reason, message)
+
+
+def _start_attempt(b: _Builder, d: Decision, reason: str, message: str) -> None:
+    b.status.attempts += 1
+    b.status.pod_name = None
+    b.status.node_name = None
+    b.status.exit_code = None
+    b.status.next_attempt_time = None
+    d.create_attempt = b.status.attempts
+    b.phase(Phase.SCHEDULED, reason, message)
+    b.cond(ConditionType.SCHEDULED, False, Reason.POD_CREATED, f"attempt {b.status.attempts}: Pod created")
+
+
+def _attempt_failed(b: _Builder, d: Decision, spec: GpuJobSpec, pod: PodView, reason: str, msg: str) -> None:
+    """The job's own failure: count it, then fail for good or schedule the next attempt after the back-off."""
+    b.status.failures += 1
+    b.status.exit_code = pod.exit_code
+    policy = spec.retries
+    if pod.exit_code is not None and pod.exit_code in policy.non_retryable_exit_codes:
+        _finish(
+            b,
+            Phase.FAILED,
+            Reason.NON_RETRYABLE_EXIT_CODE,
+            f"exit code {pod.exit_code} is non-retryable; {msg}",
+        )
+    elif reason == Reason.DEADLINE_EXCEEDED:
+        _finish(b, Phase.FAILED, reason, msg)
+    elif b.status.failures > policy.limit:
+        _finish(
+            b,
+            Phase.FAILED,
+            reason,
+            f"{msg}; retry limit {policy.limit} reached after {b.status.attempts} attempts",
+        )
+    else:
+        delay = policy.backoff(b.status.failures)
+        b.status.next_attempt_time = iso(b.now + timedelta(seconds=delay))
+        b.phase(Phase.RETRYING, reason, f"{msg}; attempt {b.status.attempts + 1} in {delay:g}s")
+        b.cond(ConditionType.RUNNING, False, reason, msg)
+        d.requeue_after = delay
+
+
+def _failure_reason(pod: PodView) -> tuple[str, str]:
+    if pod.reason == Reason.DEADLINE_EXCEEDED:
+        return Reason.DEADLINE_EXCEEDED, pod.message or "attempt exceeded timeoutSeconds"
+    if pod.reason == Reason.OOM_KILLED:
+        return Reason.OOM_KILLED, f"attempt {pod.attempt} was OOM-killed (exit code {pod.exit_code})"
+    text = f"attempt {pod.attempt} failed with exit code {pod.exit_code}"
+    if pod.result and not pod.result.lstrip().startswith("{"):
+        text += f": {pod.result.strip()}"
+    else:
+        try:
+            error = json.loads(pod.result or "{}").get("error")
+        except (ValueError, AttributeError):
+            error = None
+        if error:
+            text += f": {error}"
+    return Reason.ERROR, text
+
+
+def decide(
+    body: dict[str, Any], pods: list[PodView], now: datetime, *, spec: GpuJobSpec | None = None
+) -> Decision:
+    """The next status of a GpuJob and what to do to get there. `pods` are this job's Pods (any attempt)."""
+    meta = body.get("metadata") or {}
+    generation = meta.get("generation")
+    current = GpuJobStatus.model_validate(body.get("status") or {})
+    b = _Builder(current.model_copy(deep=True), now, generation)
+    b.status.observed_generation = generation
+    d = Decision(status=b.status)
+
+    if spec is None:
+        try:
+            spec = GpuJobSpec.model_validate(body.get("spec") or {})
+        except ValidationError as exc:
+            if not (b.status.phase and b.status.phase.terminal):
+                _finish(b, Phase.FAILED, Reason.INVALID_SPEC, f"invalid spec: {exc}".replace("\n", " "))
+            d.transitions = b.transitions
+            return d
+
+    # Pods of newer attempts than status knows (status write lost after a create) are adopted.
+    newest = max((p.attempt for p in pods), default=0)
+    if newest > b.status.attempts:
+        b.status.attempts = newest
+    by_attempt = {p.attempt: p for p in pods}
+    pod = by_attempt.get(b.status.attempts)
+    stale = [p.name for p in pods if p.attempt != b.status.attempts and p.active]
+
+    if b.status.phase is None:
+        b.phase(Phase.QUEUED, Reason.CREATED, "GpuJob accepted")
+    phase = b.status.phase or Phase.QUEUED
+
+    if phase.terminal:
+        d.delete_pods = [p.name for p in pods if p.active]
+        _ttl(spec, b.status, now, d)
+    elif spec.cancel:
+        d.delete_pods = [p.name for p in pods if p.active]
+        _finish(b, Phase.CANCELLED, Reason.CANCELLED, "cancelled on request")
+        b.cond(ConditionType.SCHEDULED, False, Reason.CANCELLED, "cancelled")
+        _ttl(spec, b.status, now, d)
+    elif spec.suspend:
+        d.delete_pods = [p.name for p in pods if p.active]
+        b.status.next_attempt_time = None
+        b.phase(Phase.SUSPENDED, Reason.SUSPENDED, "spec.suspend is true")
+        b.cond(ConditionType.SUSPENDED, True, Reason.SUSPENDED, "spec.suspend is true")
+        b.cond(ConditionType.RUNNING, False, Reason.SUSPENDED, "suspended")
+    elif b.status.phase is Phase.SUSPENDED:
+        b.cond(ConditionType.SUSPENDED, False, Reason.RESUMED, "spec.suspend is false")
+        _start_attempt(b, d, Reason.RESUMED, "resumed")
+    elif b.status.phase is Phase.RETRYING:
+        due = parse_time(b.status.next_attempt_time) or now
+        if pod is not None and pod.active:
+            d.delete_pods.append(pod.name)
+        elif pod is not None and pod.deleting:
+            pass  # wait until the failed attempt's Pod is gone: never two Pods of one job at once
+        elif due <= now:
+            _start_attempt(b, d, Reason.POD_CREATED, f"retrying after {b.status.failures} failed attempt(s)")
+        else:
+            d.requeue_after = (due - now).total_seconds()
+    elif b.status.attempts == 0:
+        _start_attempt(b, d, Reason.POD_CREATED, "Pod created")
+    elif pod is None:
+        # The Pod of the current attempt vanished from outside (node loss, preemption, kubectl delete):
+        # start over without charging the job for it.
+        _start_attempt(
+            b, d, Reason.POD_DELETED, f"Pod of attempt {b.status.attempts} was deleted; new attempt"
+        )
+    else:
+        _observe_pod(b, d, spec, pod, now)
+    d.delete_pods += [name for name in stale if name not in d.delete_pods]
+    if b.status.phase is Phase.SUCCEEDED:
+        b.status.progress = Progress(
+            percent=100.0, message=(b.status.progress.message if b.status.progress else "")
+        )
+    d.transitions = b.transitions
+    return d
+
+
+def _observe_pod(b: _Builder, d: Decision, spec: GpuJobSpec, pod: PodView, now: datetime) -> None:
+    b.status.pod_name = pod.name
+    b.status.node_name = pod.node_name or b.status.node_name
+    if pod.deleting and pod.phase not in {"Succeeded", "Failed"}:
+        return  # being deleted from outside: the next attempt starts once it is gone
+    if pod.phase == "Pending":
+        if pod.node_name:
+            b.cond(ConditionType.SCHEDULED, True, Reason.POD_PENDING, f"bound to {pod.node_name}")
+        reason: Reason | None = WAITING_REASONS.get(
+            pod.reason or "", Reason.UNSCHEDULABLE if pod.reason else None
+        )
+        if reason is not None:
+            b.cond(ConditionType.SCHEDULED, bool(pod.node_name), reason, pod.message or reason)
+        b.phase(Phase.SCHEDULED, Reason.POD_PENDING if reason is None else reason, pod.message or "")
+        since = pod.created or now
+        deadline = since + timedelta(seconds=spec.pending_timeout_seconds)
+        if now >= deadline:
+            d.delete_pods.append(pod.name)
+            why: str = reason or Reason.PENDING_TIMEOUT
+            msg = f"Pod pending longer than pendingTimeoutSeconds={spec.pending_timeout_seconds}"
+            _attempt_failed(b, d, spec, pod, why, f"{msg} ({pod.message or why})")
+        else:
+            d.requeue_after = (deadline - now).total_seconds()
+    elif pod.phase == "Running":
+        b.status.start_time = b.status.start_time or iso(pod.started_at or now)
+        b.cond(ConditionType.SCHEDULED, True, Reason.POD_RUNNING, f"running on {pod.node_name}")
+        b.cond(ConditionType.RUNNING, True, Reason.POD_RUNNING, f"attempt {pod.attempt} running")
+        b.phase(Phase.RUNNING, Reason.POD_RUNNING, f"attempt {pod.attempt} running on {pod.node_name}")
+    elif pod.phase == "Succeeded":
+        b.status.start_time = b.status.start_time or iso(pod.started_at or now)
+        b.status.exit_code = pod.exit_code if pod.exit_code is not None else 0
+        b.status.artifacts, b.status.metrics = _result(pod)
+        _finish(b, Phase.SUCCEEDED, Reason.SUCCEEDED, f"attempt {pod.attempt} succeeded")
+        _ttl(spec, b.status, now, d)
+    elif pod.phase == "Failed":
+        if pod.reason in EXTERNAL_POD_REASONS:
+            _start_attempt(b, d, Reason.EVICTED, f"attempt {pod.attempt} {pod.reason}: {pod.message or ''}")
+            d.delete_pods.append(pod.name)
+            return
+        failure, message = _failure_reason(pod)
+        _attempt_failed(b, d, spec, pod, failure, message)
+        if b.status.phase is Phase.FAILED:
+            _ttl(spec, b.status, now, d)
+
+
+def _ttl(spec: GpuJobSpec, status: GpuJobStatus, now: datetime, d: Decision) -> None:
+    done = parse_time(status.completion_time)
+    if spec.ttl_seconds_after_finished is None or done is None:
+        return
+    expiry = done + timedelta(seconds=spec.ttl_seconds_after_finished)
+    if now >= expiry:
+        d.delete_job = True
+    else:
+        d.requeue_after = (expiry - now).total_seconds()
+
+
+def status_patch(old: dict[str, Any], new: GpuJobStatus) -> dict[str, Any]:
+    """A JSON merge-patch turning the stored status into `new` ({} when nothing changed).
+    Keys the operator does not own (kopf's bookkeeping, progress written by the mirror) are left alone."""
+    wanted = new.wire()
+    patch: dict[str, Any] = {}
+    for key in GpuJobStatus.model_fields:
+        alias = GpuJobStatus.model_fields[key].alias or key
+        if wanted.get(alias) != old.get(alias) and not (
+            alias not in wanted and old.get(alias) in (None, [], {})
+        ):
+            patch[alias] = wanted.get(alias)
+    return patch
+
+
+def fail_now(body: dict[str, Any], reason: str, message: str, now: datetime) -> Decision:
+    """Fail a job outright (e.g. the API server refuses its Pod): terminal, with the reason."""
+    status = GpuJobStatus.model_validate(body.get("status") or {})
+    b = _Builder(status.model_copy(deep=True), now, (body.get("metadata") or {}).get("generation"))
+    b.status.observed_generation = b.generation
+    _finish(b, Phase.FAILED, reason, message)
+    return Decision(status=b.status, transitions=b.transitions)
