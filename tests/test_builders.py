@@ -37,9 +37,7 @@ def test_gpu_limits_equal_requests_and_toleration_added() -> None:
     res = container(pod)["resources"]
     assert res["limits"] == {"memory": "16Gi", "nvidia.com/gpu": "2"}
     assert res["requests"] == {"nvidia.com/gpu": "2"}
-    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["spec"][
-        "tolerations"
-    ]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["spec"]["tolerations"]
 
 
 def test_cpu_only_job_has_no_gpu_limit_and_no_gpu_toleration() -> None:

@@ -60,9 +60,7 @@ def to_json_schema(schema: Mapping[str, Any], *, reject_unknown: bool = True) ->
         if key.startswith("x-kubernetes-") or key == "nullable":
             continue
         if key == "properties":
-            out[key] = {
-                name: to_json_schema(sub, reject_unknown=reject_unknown) for name, sub in value.items()
-            }
+            out[key] = {name: to_json_schema(sub, reject_unknown=reject_unknown) for name, sub in value.items()}
         elif key in ("items", "additionalProperties", "not") and isinstance(value, Mapping):
             out[key] = to_json_schema(value, reject_unknown=reject_unknown)
         elif key in ("allOf", "anyOf", "oneOf"):
@@ -195,11 +193,7 @@ def test_strings_and_lists_are_bounded() -> None:
         and (
             (node.get("type") == "string" and not ({"maxLength", "enum", "format"} & set(node)))
             or (node.get("type") == "array" and "maxItems" not in node)
-            or (
-                node.get("type") == "object"
-                and "additionalProperties" in node
-                and "maxProperties" not in node
-            )
+            or (node.get("type") == "object" and "additionalProperties" in node and "maxProperties" not in node)
         )
     ]
     assert unbounded == []
@@ -252,9 +246,7 @@ def _compare(crd: Mapping[str, Any], pyd: Mapping[str, Any], defs: Mapping[str, 
     crd_constraints, pyd_constraints = _constraints(crd), _constraints(pyd)
     for key, value in pyd_constraints.items():
         if crd_constraints.get(key) != value:
-            problems.append(
-                f"{path}: {key} is {crd_constraints.get(key)!r} in the CRD, {value!r} in pydantic"
-            )
+            problems.append(f"{path}: {key} is {crd_constraints.get(key)!r} in the CRD, {value!r} in pydantic")
     if "properties" in pyd:
         crd_props = set(crd.get("properties", {})) - {"kopf"}
         if crd_props != set(pyd["properties"]):
@@ -319,9 +311,7 @@ def test_crd_defaults_equal_pydantic_defaults(
     path: str, model: type[models.WireModel], minimal: dict[str, Any]
 ) -> None:
     schema = dict(_walk(ROOT_SCHEMA))[path]
-    assert _without_empty(apply_defaults(schema, minimal)) == _without_empty(
-        model.model_validate(minimal).wire()
-    )
+    assert _without_empty(apply_defaults(schema, minimal)) == _without_empty(model.model_validate(minimal).wire())
 
 
 def test_image_and_command_have_no_crd_default_and_status_has_no_defaults() -> None:
@@ -493,9 +483,7 @@ def test_to_json_schema_handles_nullable_int_or_string_and_unknown_fields() -> N
     assert validator.is_valid({"q": "1Gi"})
     assert not validator.is_valid({"q": 1.5})
     assert not validator.is_valid({"other": 1})
-    assert jsonschema.Draft202012Validator(to_json_schema(schema, reject_unknown=False)).is_valid(
-        {"other": 1}
-    )
+    assert jsonschema.Draft202012Validator(to_json_schema(schema, reject_unknown=False)).is_valid({"other": 1})
 
 
 def test_emulator_keeps_metadata_and_free_form_params_and_drops_unknown_spec_fields() -> None:

@@ -80,9 +80,7 @@ def test_running_then_succeeded_copies_artifacts_from_termination_message() -> N
             "metrics": {"loss": 0.5},
         }
     )
-    d = step(
-        body, [pod(1, "Succeeded", node_name="gpu-1", exit_code=0, result=result)], T0 + timedelta(minutes=5)
-    )
+    d = step(body, [pod(1, "Succeeded", node_name="gpu-1", exit_code=0, result=result)], T0 + timedelta(minutes=5))
     assert d.status.phase is Phase.SUCCEEDED
     assert [a.key for a in d.status.artifacts] == ["loras/j/adapter.safetensors"]
     assert d.status.metrics == {"loss": 0.5}
@@ -247,11 +245,7 @@ def test_pod_view_reads_container_state_and_scheduling() -> None:
         "status": {
             "phase": "Failed",
             "containerStatuses": [
-                {
-                    "state": {
-                        "terminated": {"exitCode": 137, "reason": "OOMKilled", "message": '{"error":"x"}'}
-                    }
-                }
+                {"state": {"terminated": {"exitCode": 137, "reason": "OOMKilled", "message": '{"error":"x"}'}}}
             ],
         },
     }

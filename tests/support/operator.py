@@ -1,1 +1,216 @@
-"""Fixtures (filled in by the owning area)."""
+"""The real operator (`gpujob operator`) as a subprocess against the API emulator, and a kubelet's pen.
+
+Tests drive Pods through their phases the way a kubelet would: by writing the Pod's status subresource.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from gpujob.api.constants import GROUP, PLURAL, VERSION, Label
+
+READY_LINE = "operator started"
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05, what: str = "") -> Any:
+    """Poll until `predicate()` is truthy; return its value or fail with `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+@dataclass
+class OperatorProcess:
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = field(default=0)
+
+    def start(self, timeout: float = 30.0) -> OperatorProcess:
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.starts += 1
+
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"operator exited with {self.proc.returncode}:\n{self.logs()[-3000:]}")
+            return READY_LINE in self.log_path.read_text(errors="replace")[offset:]
+
+        wait_for(ready, timeout, what="the operator to start")
+        return self
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return proc.returncode
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def operator_factory(emulator: Any, tmp_path: Path) -> Iterator[Callable[..., OperatorProcess]]:
+    started: list[OperatorProcess] = []
+
+    def start(extra_env: dict[str, str] | None = None, args: tuple[str, ...] = (), run: bool = True) -> OperatorProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GPUJOB_")}
+        env.update(
+            KUBECONFIG=str(emulator.kubeconfig),
+            GPUJOB_WORKER_IMAGE="registry.test/gpujob-worker:test",
+            GPUJOB_LOG_FORMAT="json",
+            GPUJOB_METRICS_PORT="0",
+            GPUJOB_STATUS_PROGRESS_INTERVAL="0.2",
+        )
+        env.update(extra_env or {})
+        argv = [sys.executable, "-m", "gpujob.cli", "operator", *args]
+        op = OperatorProcess(argv, env, tmp_path / f"operator-{len(started)}.log")
+        started.append(op)
+        return op.start() if run else op
+
+    yield start
+    for op in started:
+        op.stop()
+
+
+@pytest.fixture
+def operator(operator_factory: Callable[..., OperatorProcess]) -> OperatorProcess:
+    return operator_factory()
+
+
+class Cluster:
+    """Sync helpers over the real HTTP API of the emulator: GpuJobs in, Pods driven like a kubelet."""
+
+    def __init__(self, api: client.ApiClient, namespace: str = "default") -> None:
+        self.custom = client.CustomObjectsApi(api)
+        self.core = client.CoreV1Api(api)
+        self.namespace = namespace
+
+    def create_job(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "GpuJob", "metadata": {"name": name}, "spec": spec}
+        created: dict[str, Any] = self.custom.create_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, body
+        )
+        return created
+
+    def job(self, name: str) -> dict[str, Any] | None:
+        try:
+            found: dict[str, Any] = self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, PLURAL, name
+            )
+        except client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return found
+
+    def status(self, name: str) -> dict[str, Any]:
+        return (self.job(name) or {}).get("status") or {}
+
+    def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name, {"spec": spec})
+
+    def delete_job(self, name: str) -> None:
+        self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+
+    def pods(self, job_name: str) -> list[Any]:
+        items = self.core.list_namespaced_pod(self.namespace, label_selector=f"{Label.JOB_NAME}={job_name}").items
+        return sorted(items, key=lambda p: int(p.metadata.labels[Label.ATTEMPT]))
+
+    def wait_pod(self, job_name: str, attempt: int, timeout: float = 15.0) -> Any:
+        def found() -> Any:
+            return next((p for p in self.pods(job_name) if p.metadata.labels[Label.ATTEMPT] == str(attempt)), None)
+
+        return wait_for(found, timeout, what=f"pod of {job_name} attempt {attempt}")
+
+    def wait_phase(self, name: str, phase: str, timeout: float = 15.0) -> dict[str, Any]:
+        status: dict[str, Any] = wait_for(
+            lambda: (s := self.status(name)).get("phase") == phase and s, timeout, what=f"{name} phase {phase}"
+        )
+        return status
+
+    # --- the kubelet's side
+    def set_pod(
+        self,
+        pod_name: str,
+        phase: str,
+        *,
+        exit_code: int | None = None,
+        reason: str | None = None,
+        message: str | None = None,
+        pod_reason: str | None = None,
+    ) -> None:
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        state: dict[str, Any]
+        if phase == "Running":
+            state = {"running": {"startedAt": now}}
+        elif phase in ("Succeeded", "Failed") and exit_code is not None:
+            term: dict[str, Any] = {
+                "exitCode": exit_code,
+                "startedAt": now,
+                "finishedAt": now,
+                "reason": reason or ("Completed" if exit_code == 0 else "Error"),
+            }
+            if message:
+                term["message"] = message
+            state = {"terminated": term}
+        else:
+            state = {"waiting": {"reason": reason or "ContainerCreating"}}
+        status: dict[str, Any] = {
+            "phase": phase,
+            "containerStatuses": [
+                {
+                    "name": "worker",
+                    "ready": phase == "Running",
+                    "restartCount": 0,
+                    "image": "x",
+                    "imageID": "",
+                    "state": state,
+                }
+            ],
+        }
+        if pod_reason:
+            status["reason"] = pod_reason
+            status["message"] = message or pod_reason
+        self.core.patch_namespaced_pod_status(pod_name, self.namespace, {"status": status})
+
+    def run_pod(self, job_name: str, attempt: int, exit_code: int = 0, **kw: Any) -> str:
+        pod = self.wait_pod(job_name, attempt)
+        name: str = pod.metadata.name
+        self.set_pod(name, "Running")
+        self.set_pod(name, "Succeeded" if exit_code == 0 else "Failed", exit_code=exit_code, **kw)
+        return name
+
+
+@pytest.fixture
+def cluster(k8s_api: client.ApiClient) -> Cluster:
+    return Cluster(k8s_api)

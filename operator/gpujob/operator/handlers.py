@@ -10,12 +10,23 @@ import kopf
 from gpujob.api.constants import GROUP, MANAGER, PLURAL, VERSION, Label
 from gpujob.operator.runtime import Runtime
 
+log = logging.getLogger("gpujob.operator")
+
 
 def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure(settings, runtime)
         await runtime.start()
+        log.info(
+            "operator started", extra={"namespaces": runtime.namespaces or "*", "jobs_pods": len(runtime.store.pods)}
+        )
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # KUBECONFIG or in-cluster service account, read by the official client (as kubectl would).
+        info: kopf.ConnectionInfo | None = kopf.login_via_client(**kwargs)
+        return info
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:

@@ -130,9 +130,7 @@ async def create_gpujob(namespace: str, body: dict[str, Any]) -> Outcome:
 async def get_gpujob(namespace: str, name: str) -> dict[str, Any] | None:
     custom: Any = client.CustomObjectsApi(await api_client())
     try:
-        obj: dict[str, Any] = await custom.get_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, name
-        )
+        obj: dict[str, Any] = await custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
     except ApiException as exc:
         if exc.status == 404:
             return None
@@ -145,9 +143,7 @@ async def patch_gpujob(namespace: str, name: str, patch: dict[str, Any], *, stat
     custom: Any = client.CustomObjectsApi(await api_client())
     method = custom.patch_namespaced_custom_object_status if status else custom.patch_namespaced_custom_object
     try:
-        await method(
-            GROUP, VERSION, namespace, PLURAL, name, patch, _content_type="application/merge-patch+json"
-        )
+        await method(GROUP, VERSION, namespace, PLURAL, name, patch, _content_type="application/merge-patch+json")
     except ApiException as exc:
         if exc.status == 404:
             return Outcome.ABSENT

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 
@@ -18,13 +19,9 @@ from gpujob.settings import get_settings
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="gpujob operator", description=__doc__)
     scope = parser.add_mutually_exclusive_group()
-    scope.add_argument(
-        "-n", "--namespace", action="append", default=[], help="watch this namespace (repeatable)"
-    )
+    scope.add_argument("-n", "--namespace", action="append", default=[], help="watch this namespace (repeatable)")
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (default)")
-    parser.add_argument(
-        "--peering", help="kopf peering name for HA (default: GPUJOB_PEERING, else standalone)"
-    )
+    parser.add_argument("--peering", help="kopf peering name for HA (default: GPUJOB_PEERING, else standalone)")
     return parser.parse_args(argv)
 
 
@@ -34,10 +31,10 @@ def main(argv: list[str]) -> int:
     if args.peering:
         settings.peering = args.peering
     configure_logging(settings.log_format, settings.log_level)
+    # kopf reports every handled event at INFO; our reconciler logs what matters.
+    logging.getLogger("kopf.objects").setLevel(max(logging.WARNING, logging.getLogger().level))
     namespaces: list[str] | None = args.namespace or None
-    runtime = Runtime(
-        settings=settings, namespaces=namespaces, defaults=pod_defaults(settings, dict(os.environ))
-    )
+    runtime = Runtime(settings=settings, namespaces=namespaces, defaults=pod_defaults(settings, dict(os.environ)))
     registry = kopf.OperatorRegistry()
     register(registry, runtime)
     asyncio.run(_run(registry, runtime, namespaces, settings.peering))

@@ -31,17 +31,13 @@ log = logging.getLogger("gpujob.progress")
 MAX_BACKOFF = 30.0
 
 
-def transition_events(
-    job: dict[str, Any], transitions: list[Transition], status: GpuJobStatus
-) -> list[ProgressEvent]:
+def transition_events(job: dict[str, Any], transitions: list[Transition], status: GpuJobStatus) -> list[ProgressEvent]:
     """The events of one status write: one per phase transition, in order (pure)."""
     job_id = (job.get("spec") or {}).get("jobId") or job["metadata"]["name"]
     percent = status.progress.percent if status.progress else 0.0
     events = []
     for t in transitions:
-        artifacts = (
-            [a.wire() for a in status.artifacts] if t.new is Phase.SUCCEEDED and status.artifacts else None
-        )
+        artifacts = [a.wire() for a in status.artifacts] if t.new is Phase.SUCCEEDED and status.artifacts else None
         events.append(
             make_event(
                 job_id,
@@ -142,10 +138,7 @@ class ProgressMirror:
         if key is None or job is None:
             return
         status = job.get("status") or {}
-        if (
-            status.get("phase") in {p.value for p in Phase if p.terminal}
-            or event.phase != Phase.RUNNING.value
-        ):
+        if status.get("phase") in {p.value for p in Phase if p.terminal} or event.phase != Phase.RUNNING.value:
             return  # only progress inside a running attempt; the operator's own phase events are not echoed
         if self.on_progress is not None:
             self.on_progress(event.jobId, str((job.get("spec") or {}).get("type", "")), event.progress)

@@ -20,9 +20,7 @@ from gpujob.api.models import Artifact, Condition, GpuJobSpec, GpuJobStatus, Pro
 MESSAGE_LIMIT = 1024  # condition/status messages are truncated, as the Kubernetes conventions ask
 
 # Pod/container reasons that mean "not this job's fault": the Pod was taken away from outside.
-EXTERNAL_POD_REASONS = frozenset(
-    {"Evicted", "Preempting", "Preempted", "Shutdown", "NodeShutdown", "Terminated"}
-)
+EXTERNAL_POD_REASONS = frozenset({"Evicted", "Preempting", "Preempted", "Shutdown", "NodeShutdown", "Terminated"})
 WAITING_REASONS = {
     "ImagePullBackOff": Reason.IMAGE_PULL_BACKOFF,
     "ErrImagePull": Reason.ERR_IMAGE_PULL,
@@ -211,9 +209,7 @@ def _result(pod: PodView) -> tuple[list[Artifact], dict[str, float]]:
     try:
         data = json.loads(pod.result)
         artifacts = [Artifact.model_validate(a) for a in data.get("artifacts") or []]
-        metrics = {
-            str(k): float(v) for k, v in (data.get("metrics") or {}).items() if isinstance(v, int | float)
-        }
+        metrics = {str(k): float(v) for k, v in (data.get("metrics") or {}).items() if isinstance(v, int | float)}
     except (ValueError, TypeError, AttributeError, ValidationError):
         return [], {}
     return artifacts, metrics
@@ -288,9 +284,7 @@ def _failure_reason(pod: PodView) -> tuple[str, str]:
     return Reason.ERROR, text
 
 
-def decide(
-    body: dict[str, Any], pods: list[PodView], now: datetime, *, spec: GpuJobSpec | None = None
-) -> Decision:
+def decide(body: dict[str, Any], pods: list[PodView], now: datetime, *, spec: GpuJobSpec | None = None) -> Decision:
     """The next status of a GpuJob and what to do to get there. `pods` are this job's Pods (any attempt)."""
     meta = body.get("metadata") or {}
     generation = meta.get("generation")
@@ -352,16 +346,12 @@ def decide(
     elif pod is None:
         # The Pod of the current attempt vanished from outside (node loss, preemption, kubectl delete):
         # start over without charging the job for it.
-        _start_attempt(
-            b, d, Reason.POD_DELETED, f"Pod of attempt {b.status.attempts} was deleted; new attempt"
-        )
+        _start_attempt(b, d, Reason.POD_DELETED, f"Pod of attempt {b.status.attempts} was deleted; new attempt")
     else:
         _observe_pod(b, d, spec, pod, now)
     d.delete_pods += [name for name in stale if name not in d.delete_pods]
     if b.status.phase is Phase.SUCCEEDED:
-        b.status.progress = Progress(
-            percent=100.0, message=(b.status.progress.message if b.status.progress else "")
-        )
+        b.status.progress = Progress(percent=100.0, message=(b.status.progress.message if b.status.progress else ""))
     d.transitions = b.transitions
     return d
 
@@ -374,9 +364,7 @@ def _observe_pod(b: _Builder, d: Decision, spec: GpuJobSpec, pod: PodView, now: 
     if pod.phase == "Pending":
         if pod.node_name:
             b.cond(ConditionType.SCHEDULED, True, Reason.POD_PENDING, f"bound to {pod.node_name}")
-        reason: Reason | None = WAITING_REASONS.get(
-            pod.reason or "", Reason.UNSCHEDULABLE if pod.reason else None
-        )
+        reason: Reason | None = WAITING_REASONS.get(pod.reason or "", Reason.UNSCHEDULABLE if pod.reason else None)
         if reason is not None:
             b.cond(ConditionType.SCHEDULED, bool(pod.node_name), reason, pod.message or reason)
         b.phase(Phase.SCHEDULED, Reason.POD_PENDING if reason is None else reason, pod.message or "")
@@ -429,9 +417,7 @@ def status_patch(old: dict[str, Any], new: GpuJobStatus) -> dict[str, Any]:
     patch: dict[str, Any] = {}
     for key in GpuJobStatus.model_fields:
         alias = GpuJobStatus.model_fields[key].alias or key
-        if wanted.get(alias) != old.get(alias) and not (
-            alias not in wanted and old.get(alias) in (None, [], {})
-        ):
+        if wanted.get(alias) != old.get(alias) and not (alias not in wanted and old.get(alias) in (None, [], {})):
             patch[alias] = wanted.get(alias)
     return patch
 

@@ -1,0 +1,161 @@
+"""The real operator process against the API emulator over HTTP; Pods driven through their phases as a
+kubelet would (status subresource writes)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from gpujob.api.constants import Label, Phase, Reason
+from tests.support.operator import Cluster, OperatorProcess, wait_for
+
+FAST_RETRY = {"limit": 2, "backoffSeconds": 1, "maxBackoffSeconds": 1}
+
+
+def test_gpujob_becomes_gpu_pod_with_spec(operator: OperatorProcess, cluster: Cluster) -> None:
+    cluster.create_job("lora", {"type": "train_lora", "gpus": 2, "params": {"epochs": 2}, "gpuProduct": "NVIDIA-L4"})
+    pod = cluster.wait_pod("lora", 1)
+    [c] = pod.spec.containers
+    assert c.resources.limits == {"nvidia.com/gpu": "2"}
+    assert c.image == "registry.test/gpujob-worker:test"
+    assert pod.spec.node_selector == {"nvidia.com/gpu.product": "NVIDIA-L4"}
+    assert pod.spec.restart_policy == "Never" and pod.spec.automount_service_account_token is False
+    assert pod.metadata.labels[Label.JOB_ID] == "lora" and pod.metadata.labels[Label.TYPE] == "train_lora"
+    [owner] = pod.metadata.owner_references
+    assert owner.kind == "GpuJob" and owner.controller is True and owner.uid == cluster.job("lora")["metadata"]["uid"]
+    env = {e.name: e.value for e in c.env}
+    assert json.loads(env["GPUJOB_JOB_PARAMS"]) == {"epochs": 2} and env["GPUJOB_ATTEMPT"] == "1"
+    status = cluster.wait_phase("lora", Phase.SCHEDULED)
+    assert status["attempts"] == 1 and status["podName"] == pod.metadata.name
+
+
+def test_success_is_mirrored_into_status(operator: OperatorProcess, cluster: Cluster) -> None:
+    cluster.create_job("ok", {"type": "render_video", "gpus": 0})
+    pod = cluster.wait_pod("ok", 1)
+    cluster.set_pod(pod.metadata.name, "Running")
+    running = cluster.wait_phase("ok", Phase.RUNNING)
+    assert running["startTime"]
+    result = {"artifacts": [{"key": "videos/ok/out.mp4", "size": 1234, "sha256": "c" * 64}], "metrics": {"frames": 48}}
+    cluster.set_pod(pod.metadata.name, "Succeeded", exit_code=0, message=json.dumps(result))
+    status = cluster.wait_phase("ok", Phase.SUCCEEDED)
+    assert status["artifacts"] == result["artifacts"]
+    assert status["progress"]["percent"] == 100 and status["completionTime"]
+    conditions = {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+    assert conditions["Complete"] == ("True", Reason.SUCCEEDED)
+
+
+def test_failure_is_retried_after_backoff_then_fails_with_reason(operator: OperatorProcess, cluster: Cluster) -> None:
+    cluster.create_job("flaky", {"type": "custom", "gpus": 1, "retries": FAST_RETRY})
+    for attempt in (1, 2, 3):
+        cluster.run_pod("flaky", attempt, exit_code=1, message='{"error": "boom"}')
+        if attempt < 3:
+            retrying = cluster.wait_phase("flaky", Phase.RETRYING) if attempt == 1 else None
+            if retrying:
+                assert retrying["reason"] == Reason.ERROR and retrying["nextAttemptTime"]
+    status = cluster.wait_phase("flaky", Phase.FAILED)
+    assert status["reason"] == Reason.ERROR and "boom" in status["message"]
+    assert status["attempts"] == 3 and status["failures"] == 3 and status["exitCode"] == 1
+    assert len(cluster.pods("flaky")) == 3
+
+
+def test_non_retryable_exit_code_fails_at_once(operator: OperatorProcess, cluster: Cluster) -> None:
+    cluster.create_job("bad-input", {"type": "train_lora", "retries": {"limit": 5, "nonRetryableExitCodes": [64]}})
+    cluster.run_pod("bad-input", 1, exit_code=64)
+    status = cluster.wait_phase("bad-input", Phase.FAILED)
+    assert status["reason"] == Reason.NON_RETRYABLE_EXIT_CODE and status["attempts"] == 1
+
+
+def test_pending_timeout_fails_with_unschedulable(operator: OperatorProcess, cluster: Cluster) -> None:
+    cluster.create_job("stuck", {"type": "train_lora", "gpus": 8, "pendingTimeoutSeconds": 2, "retries": {"limit": 0}})
+    pod = cluster.wait_pod("stuck", 1)
+    cluster.core.patch_namespaced_pod_status(
+        pod.metadata.name,
+        "default",
+        {
+            "status": {
+                "phase": "Pending",
+                "conditions": [
+                    {
+                        "type": "PodScheduled",
+                        "status": "False",
+                        "reason": "Unschedulable",
+                        "message": "0/1 nodes: Insufficient nvidia.com/gpu",
+                    }
+                ],
+            }
+        },
+    )
+    status = cluster.wait_phase("stuck", Phase.FAILED, timeout=20)
+    assert status["reason"] == Reason.UNSCHEDULABLE and "pendingTimeoutSeconds=2" in status["message"]
+    wait_for(lambda: not cluster.pods("stuck"), what="the pending pod to be deleted")
+
+
+def test_external_pod_deletion_starts_new_attempt_not_counted(operator: OperatorProcess, cluster: Cluster) -> None:
+    cluster.create_job("evicted", {"type": "train_voice", "retries": {"limit": 0}})
+    pod = cluster.wait_pod("evicted", 1)
+    cluster.set_pod(pod.metadata.name, "Running")
+    cluster.wait_phase("evicted", Phase.RUNNING)
+    cluster.core.delete_namespaced_pod(pod.metadata.name, "default")
+    cluster.run_pod("evicted", 2, exit_code=0)
+    status = cluster.wait_phase("evicted", Phase.SUCCEEDED)
+    assert status["attempts"] == 2 and status["failures"] == 0
+
+
+def test_suspend_deletes_pod_and_resume_starts_new_attempt(operator: OperatorProcess, cluster: Cluster) -> None:
+    cluster.create_job("pausable", {"type": "train_lora"})
+    pod = cluster.wait_pod("pausable", 1)
+    cluster.set_pod(pod.metadata.name, "Running")
+    cluster.wait_phase("pausable", Phase.RUNNING)
+    cluster.patch_spec("pausable", {"suspend": True})
+    cluster.wait_phase("pausable", Phase.SUSPENDED)
+    wait_for(lambda: not cluster.pods("pausable"), what="the suspended job's pod to go")
+    cluster.patch_spec("pausable", {"suspend": False})
+    cluster.run_pod("pausable", 2)
+    assert cluster.wait_phase("pausable", Phase.SUCCEEDED)["attempts"] == 2
+
+
+def test_cancel_stops_the_job(operator: OperatorProcess, cluster: Cluster) -> None:
+    cluster.create_job("cancel-me", {"type": "train_lora"})
+    pod = cluster.wait_pod("cancel-me", 1)
+    cluster.set_pod(pod.metadata.name, "Running")
+    cluster.patch_spec("cancel-me", {"cancel": True})
+    status = cluster.wait_phase("cancel-me", Phase.CANCELLED)
+    assert status["reason"] == Reason.CANCELLED
+    wait_for(lambda: not cluster.pods("cancel-me"), what="the cancelled job's pod to go")
+
+
+def test_deleting_the_gpujob_removes_its_pod(operator: OperatorProcess, cluster: Cluster) -> None:
+    cluster.create_job("gone", {"type": "train_lora"})
+    cluster.wait_pod("gone", 1)
+    cluster.delete_job("gone")
+    wait_for(lambda: not cluster.pods("gone") and cluster.job("gone") is None, what="job and pod gone")
+
+
+def test_recreated_job_with_same_name_gets_fresh_pod(operator: OperatorProcess, cluster: Cluster) -> None:
+    cluster.create_job("again", {"type": "train_lora"})
+    first = cluster.wait_pod("again", 1).metadata.name
+    cluster.delete_job("again")
+    wait_for(lambda: cluster.job("again") is None, what="deletion")
+    cluster.create_job("again", {"type": "train_lora"})
+    second = wait_for(lambda: [p for p in cluster.pods("again") if p.metadata.name != first], what="new pod")
+    assert second[0].metadata.name != first
+
+
+def test_ttl_after_finished_deletes_the_job(operator: OperatorProcess, cluster: Cluster) -> None:
+    cluster.create_job("short-lived", {"type": "train_lora", "ttlSecondsAfterFinished": 1})
+    cluster.run_pod("short-lived", 1)
+    wait_for(lambda: cluster.job("short-lived") is None, timeout=20, what="ttl deletion")
+
+
+def test_restart_resyncs_without_rewriting_status(operator: OperatorProcess, cluster: Cluster, emulator: Any) -> None:
+    for i in range(5):
+        cluster.create_job(f"steady-{i}", {"type": "train_lora"})
+    for i in range(5):
+        cluster.wait_phase(f"steady-{i}", Phase.SCHEDULED)
+    versions = {i: cluster.job(f"steady-{i}")["metadata"]["resourceVersion"] for i in range(5)}
+    operator.stop()
+    operator.start()
+    cluster.create_job("marker", {"type": "train_lora"})
+    cluster.wait_phase("marker", Phase.SCHEDULED)
+    assert {i: cluster.job(f"steady-{i}")["metadata"]["resourceVersion"] for i in range(5)} == versions
+    assert all(len(cluster.pods(f"steady-{i}")) == 1 for i in range(5))
