@@ -32,11 +32,13 @@ class Settings(BaseSettings):
         description="Non-secret operator settings copied into job Pods as plain env.",
     )
     pod_run_as_user: int = Field(10001, description="uid/gid job Pods run as (the worker image's user).")
+    worker_service_account: str | None = Field(None, description="serviceAccountName of job Pods (no token).")
     status_progress_interval: float = Field(2.0, description="Min seconds between progress writes to status.")
     peering: str | None = Field(None, description="kopf peering object name (HA); None = standalone.")
 
     # --- Redis
     redis_url: SecretStr | None = Field(None, description="redis:// or rediss:// URL; unset = no bridge.")
+    redis_ssl_ca_certs: str | None = Field(None, description="CA bundle for rediss:// (private CA).")
     request_stream: str = "gpujobs:requests"
     dead_letter_stream: str = "gpujobs:requests:dead"
     consumer_group: str = "gpujob-operator"

@@ -114,19 +114,22 @@ def redis_kwargs() -> dict[str, Any]:
     return {"socket_connect_timeout": 5, "socket_keepalive": True, "health_check_interval": 15}
 
 
+def _url_and_options(settings: Settings, overrides: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    if settings.redis_url is None:
+        raise ValueError("GPUJOB_REDIS_URL is not set")
+    options: dict[str, Any] = {**redis_kwargs(), "decode_responses": True}
+    if settings.redis_ssl_ca_certs:
+        options["ssl_ca_certs"] = settings.redis_ssl_ca_certs
+    return settings.redis_url.get_secret_value(), {**options, **overrides}
+
+
 def async_client(settings: Settings, **overrides: Any) -> redis.asyncio.Redis:
     """A client from GPUJOB_REDIS_URL: redis:// or rediss:// (TLS; ?ssl_ca_certs=/path for a private CA),
     user:password@ for ACL users."""
-    if settings.redis_url is None:
-        raise ValueError("GPUJOB_REDIS_URL is not set")
-    return redis.asyncio.Redis.from_url(
-        settings.redis_url.get_secret_value(), **{**redis_kwargs(), "decode_responses": True, **overrides}
-    )
+    url, options = _url_and_options(settings, overrides)
+    return redis.asyncio.Redis.from_url(url, **options)
 
 
 def sync_client(settings: Settings, **overrides: Any) -> redis.Redis:
-    if settings.redis_url is None:
-        raise ValueError("GPUJOB_REDIS_URL is not set")
-    return redis.Redis.from_url(
-        settings.redis_url.get_secret_value(), **{**redis_kwargs(), "decode_responses": True, **overrides}
-    )
+    url, options = _url_and_options(settings, overrides)
+    return redis.Redis.from_url(url, **options)

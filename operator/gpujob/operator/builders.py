@@ -32,6 +32,7 @@ class PodDefaults:
     models_pvc: str = "gpujob-models"
     worker_secret: str | None = "gpujob-worker"
     run_as_user: int = 10001
+    service_account: str | None = None
     passthrough_env: dict[str, str] = field(default_factory=dict)  # non-secret settings, e.g. S3 endpoint
     shm_size: str = "2Gi"
 
@@ -172,6 +173,8 @@ def build_pod(ref: JobRef, spec: GpuJobSpec, attempt: int, defaults: PodDefaults
         pod_spec["nodeSelector"] = node_selector
     if tolerations := _tolerations(spec):
         pod_spec["tolerations"] = tolerations
+    if defaults.service_account:
+        pod_spec["serviceAccountName"] = defaults.service_account
     if spec.priority_class_name:
         pod_spec["priorityClassName"] = spec.priority_class_name
     if spec.timeout_seconds:

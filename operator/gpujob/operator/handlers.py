@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import socket
 from typing import Any
 
 import kopf
@@ -41,6 +44,11 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
         runtime.pod_event(event.get("type"), dict(event["object"]))
 
 
+def peering_priority(identity: str) -> int:
+    """A stable priority in [1, 1e6] from the replica's identity (pod name)."""
+    return int(hashlib.sha256(identity.encode()).hexdigest()[:8], 16) % 1_000_000 + 1
+
+
 def configure(settings: kopf.OperatorSettings, runtime: Runtime) -> None:
     # Only warnings become Kubernetes Events: one Event per handled object would double our API traffic.
     settings.posting.level = logging.WARNING
@@ -50,8 +58,12 @@ def configure(settings: kopf.OperatorSettings, runtime: Runtime) -> None:
     settings.networking.request_timeout = 60
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    if runtime.namespaces:
+        settings.scanning.disabled = True  # exact namespaces: no namespace/CRD scans (and no RBAC for them)
     if runtime.settings.peering:
         settings.peering.name = runtime.settings.peering
         settings.peering.mandatory = True
+        # Replicas of one Deployment must not share a priority, or kopf freezes all of them.
+        settings.peering.priority = peering_priority(os.environ.get("POD_ID") or socket.gethostname())
     else:
         settings.peering.standalone = True

@@ -35,6 +35,7 @@ def pod_defaults(settings: Settings, environ: dict[str, str]) -> PodDefaults:
         models_pvc=settings.models_pvc,
         worker_secret=settings.worker_secret or None,
         run_as_user=settings.pod_run_as_user,
+        service_account=settings.worker_service_account,
         passthrough_env=passthrough,
     )
 
