@@ -367,7 +367,9 @@ def _observe_pod(b: _Builder, d: Decision, spec: GpuJobSpec, pod: PodView, now: 
         reason: Reason | None = WAITING_REASONS.get(pod.reason or "", Reason.UNSCHEDULABLE if pod.reason else None)
         if reason is not None:
             b.cond(ConditionType.SCHEDULED, bool(pod.node_name), reason, pod.message or reason)
-        b.phase(Phase.SCHEDULED, Reason.POD_PENDING if reason is None else reason, pod.message or "")
+            b.phase(Phase.SCHEDULED, reason, pod.message or "")
+        elif b.status.phase is not Phase.SCHEDULED:
+            b.phase(Phase.SCHEDULED, Reason.POD_PENDING, f"attempt {pod.attempt} pending")
         since = pod.created or now
         deadline = since + timedelta(seconds=spec.pending_timeout_seconds)
         if now >= deadline:
