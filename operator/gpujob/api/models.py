@@ -7,7 +7,7 @@ a unit test keeps the two in step.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
@@ -19,6 +19,11 @@ GPU_RESOURCE_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[a-z0-9]([-a-z0-9._]*[a
 JOB_ID_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._:-]{0,126}[A-Za-z0-9])?$"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+Quantity = Annotated[str, Field(pattern=QUANTITY_PATTERN)]
+Arg = Annotated[str, Field(max_length=4096)]
 # Our own env names are reserved: a job may not override its identity or credentials.
 RESERVED_ENV_PREFIX = "GPUJOB_"
 
@@ -36,7 +41,7 @@ class RetryPolicy(WireModel):
     limit: int = Field(3, ge=0, le=100, description="Failed attempts retried before the job fails.")
     backoff_seconds: int = Field(10, ge=0, le=86400, description="Back-off before the first retry.")
     max_backoff_seconds: int = Field(600, ge=0, le=86400, description="Cap of the exponential back-off.")
-    non_retryable_exit_codes: list[int] = Field(
+    non_retryable_exit_codes: list[Annotated[int, Field(ge=0, le=255)]] = Field(
         default_factory=lambda: list(DEFAULT_NON_RETRYABLE_EXIT_CODES),
         description="Container exit codes that fail the job at once.",
     )
@@ -64,8 +69,8 @@ class ModelsVolume(WireModel):
 
 
 class EnvVar(WireModel):
-    name: str = Field(pattern=ENV_NAME_PATTERN)
-    value: str = ""
+    name: str = Field(min_length=1, max_length=256, pattern=ENV_NAME_PATTERN)
+    value: str = Field("", max_length=32768)
 
     @field_validator("name")
     @classmethod
@@ -76,34 +81,34 @@ class EnvVar(WireModel):
 
 
 class Toleration(WireModel):
-    key: str | None = None
+    key: str | None = Field(None, max_length=317)
     operator: str | None = Field(None, pattern="^(Exists|Equal)$")
-    value: str | None = None
+    value: str | None = Field(None, max_length=63)
     effect: str | None = Field(None, pattern="^(NoSchedule|PreferNoSchedule|NoExecute)$")
     toleration_seconds: int | None = None
 
 
 class Resources(WireModel):
-    requests: dict[str, str | int] = Field(default_factory=dict)
-    limits: dict[str, str | int] = Field(default_factory=dict)
+    requests: dict[str, Quantity | int] = Field(default_factory=dict, max_length=16)
+    limits: dict[str, Quantity | int] = Field(default_factory=dict, max_length=16)
 
 
 class GpuJobSpec(WireModel):
     type: JobType
     job_id: str | None = Field(None, pattern=JOB_ID_PATTERN, description="Defaults to metadata.name.")
     params: dict[str, Any] = Field(default_factory=dict)
-    image: str | None = Field(None, min_length=1, description="Defaults to the operator's worker image.")
+    image: str | None = Field(None, min_length=1, max_length=1024, description="Defaults to the worker image.")
     image_pull_policy: str | None = Field(None, pattern="^(Always|IfNotPresent|Never)$")
-    command: list[str] | None = Field(None, description="Defaults to the worker entrypoint.")
-    args: list[str] = Field(default_factory=list)
-    env: list[EnvVar] = Field(default_factory=list)
+    command: list[Arg] | None = Field(None, max_length=64, description="Defaults to the worker entrypoint.")
+    args: list[Arg] = Field(default_factory=list, max_length=256)
+    env: list[EnvVar] = Field(default_factory=list, max_length=64)
     gpus: int = Field(1, ge=0, le=64)
-    gpu_resource: str = Field(DEFAULT_GPU_RESOURCE, pattern=GPU_RESOURCE_PATTERN)
-    gpu_product: str | None = None
+    gpu_resource: str = Field(DEFAULT_GPU_RESOURCE, max_length=253, pattern=GPU_RESOURCE_PATTERN)
+    gpu_product: str | None = Field(None, min_length=1, max_length=63)
     resources: Resources = Field(default_factory=Resources)
-    priority_class_name: str | None = None
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[Toleration] = Field(default_factory=list)
+    priority_class_name: str | None = Field(None, max_length=253)
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(default_factory=dict, max_length=32)
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
     timeout_seconds: int | None = Field(None, ge=1, description="activeDeadlineSeconds of each attempt.")
     pending_timeout_seconds: int = Field(600, ge=1)
     retries: RetryPolicy = Field(default_factory=RetryPolicy)
@@ -123,7 +128,7 @@ class GpuJobSpec(WireModel):
 
 class Progress(WireModel):
     percent: float = Field(0.0, ge=0, le=100)
-    message: str = ""
+    message: str = Field("", max_length=4096)
 
 
 class Condition(WireModel):
@@ -136,9 +141,9 @@ class Condition(WireModel):
 
 
 class Artifact(WireModel):
-    key: str
+    key: str = Field(min_length=1, max_length=1024)
     size: int = Field(ge=0)
-    sha256: str
+    sha256: str = Field(pattern=r"^[a-f0-9]{64}$")
 
 
 class GpuJobStatus(WireModel):
