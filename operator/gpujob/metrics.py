@@ -1,0 +1,517 @@
+"""Prometheus metrics of the operator, and its HTTP endpoints: /metrics, /healthz, /readyz.
+
+Everything lives in one `Metrics` object with its own `CollectorRegistry` (never the global default), so tests
+and several operators in one process stay apart. The module-level functions act on the default instance
+`METRICS` (whose registry is `REGISTRY`); the operator calls those.
+
+The job metrics named in ARCHITECTURE.md (`gpu_worker_*`) keep their names exactly; the SRE metrics are
+`gpujob_*`. Live-job gauges (jobs by phase, pending age) and stream statistics are computed at scrape time by
+custom collectors, so they are never stale and need no background task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Final, Protocol
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+
+from gpujob import __version__
+from gpujob.api.constants import TERMINAL_PHASES, JobType, Phase, Reason
+from gpujob.logging import get_logger
+
+log = get_logger(__name__)
+
+# Jobs run for minutes to hours; the top bucket is a day (the longest deadline we expect).
+DURATION_BUCKETS: Final = (
+    10, 30, 60, 120, 300, 600, 900, 1800, 2700, 3600, 5400, 7200, 10800, 14400, 21600, 28800, 43200, 86400,
+)  # fmt: skip
+# Queue wait is seconds when the cluster has room, hours when GPUs are scarce.
+QUEUE_WAIT_BUCKETS: Final = (1, 5, 10, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 28800, 86400)
+
+# A job is "pending" from the moment it is accepted until its first Running (Queued and Scheduled).
+PENDING_PHASES: Final = frozenset({Phase.QUEUED, Phase.SCHEDULED})
+LIVE_PHASES: Final = tuple(p for p in Phase if p not in TERMINAL_PHASES)
+
+UNKNOWN_REASON: Final = "Unknown"  # the operator gave no reason
+OTHER_REASON: Final = "Other"  # a reason outside the vocabulary: folded, so labels stay bounded
+_KNOWN_REASONS: Final = frozenset(r.value for r in Reason)
+_FINISHED_MEMORY: Final = 10_000  # finished job ids remembered, so late progress can't resurrect a gauge
+_ENDED: Final = "ended"
+_DELETED: Final = "deleted"
+READINESS_TIMEOUT_SECONDS: Final = 3.0
+# Outcomes of a stream request (the bridge's vocabulary); exported at 0 before the first of each.
+REQUEST_OUTCOMES: Final = ("created", "duplicate", "dead_lettered", "cancelled")
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _seconds(start: datetime, end: datetime) -> float:
+    return max(0.0, (end - start).total_seconds())
+
+
+def reason_label(reason: str | None) -> str:
+    """Reasons become label values only from the shared vocabulary (bounded cardinality)."""
+    if not reason:
+        return UNKNOWN_REASON
+    return reason if reason in _KNOWN_REASONS else OTHER_REASON
+
+
+class StreamStats(Protocol):
+    """What the Redis bridge reports; read at scrape time through the function given to
+    `register_stream_stats`. Any object with these attributes will do (`StreamStatsSnapshot` is one)."""
+
+    @property
+    def lag(self) -> int | None:
+        """Entries not yet delivered to the consumer group (XINFO GROUPS `lag`; None if Redis can't tell)."""
+
+    @property
+    def pending(self) -> int:
+        """Entries delivered but not acknowledged (XPENDING count)."""
+
+    @property
+    def dead_lettered_total(self) -> Mapping[str, int]:
+        """Requests moved to the dead-letter stream since start, by reason."""
+
+    @property
+    def requests_total(self) -> Mapping[str, int]:
+        """Requests handled since start, by outcome: created, duplicate, dead_lettered, cancelled."""
+
+
+@dataclass(frozen=True)
+class StreamStatsSnapshot:
+    lag: int | None = None
+    pending: int = 0
+    dead_lettered_total: Mapping[str, int] = field(default_factory=dict)
+    requests_total: Mapping[str, int] = field(default_factory=dict)
+
+
+ReadinessCheck = Callable[[], Awaitable[bool]]
+
+
+@dataclass
+class LiveJob:
+    job_type: str
+    namespace: str
+    name: str
+    phase: Phase
+    since: datetime  # when it entered `phase`
+    pending_since: datetime | None  # when it became pending (Queued/Scheduled streak), None if not pending
+    ran: bool  # reached Running at least once (queue wait already observed)
+
+
+class _LiveJobsCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        now = self._metrics.clock()
+        jobs = self._metrics.live_jobs()
+        types = sorted({t.value for t in JobType} | {j.job_type for j in jobs.values()})
+        counts = {(phase, t): 0 for phase in LIVE_PHASES for t in types}
+        ages: dict[Phase, list[float]] = {phase: [] for phase in LIVE_PHASES}
+        oldest_pending = 0.0
+        for job in jobs.values():
+            counts[job.phase, job.job_type] += 1
+            ages[job.phase].append(_seconds(job.since, now))
+            if job.pending_since is not None:
+                oldest_pending = max(oldest_pending, _seconds(job.pending_since, now))
+
+        by_phase = GaugeMetricFamily(
+            "gpujob_jobs", "GpuJobs known to the operator, by phase.", labels=["phase", "type"]
+        )
+        for (phase, job_type), n in counts.items():
+            by_phase.add_metric([phase.value, job_type], n)
+        yield by_phase
+
+        yield GaugeMetricFamily(
+            "gpujob_pending_oldest_age_seconds",
+            "Seconds the longest-waiting job has been pending (Queued/Scheduled, before its first Running); 0 if none.",
+            value=oldest_pending,
+        )
+        summary = SummaryMetricFamily(
+            "gpujob_phase_age_seconds", "Seconds live jobs have spent in their current phase.", labels=["phase"]
+        )
+        oldest = GaugeMetricFamily(
+            "gpujob_phase_age_seconds_max",
+            "Seconds the oldest job has spent in each phase; 0 if none.",
+            labels=["phase"],
+        )
+        for phase, values in ages.items():
+            summary.add_metric([phase.value], count_value=len(values), sum_value=sum(values))
+            oldest.add_metric([phase.value], max(values, default=0.0))
+        yield summary
+        yield oldest
+
+
+class _StreamCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        source = self._metrics.stream_stats_source
+        if source is None:
+            return
+        try:
+            stats = source()
+        except Exception as exc:  # a scrape must never fail because the bridge is in a bad state
+            log.warning("stream stats unavailable", error=repr(exc))
+            return
+        if stats is None:  # bridge not running: export nothing rather than misleading zeros
+            return
+        if stats.lag is not None:
+            yield GaugeMetricFamily(
+                "gpujob_stream_lag", "Request-stream entries not yet delivered to the consumer group.", value=stats.lag
+            )
+        yield GaugeMetricFamily(
+            "gpujob_stream_pending", "Request-stream entries delivered but not yet acknowledged.", value=stats.pending
+        )
+        dead = CounterMetricFamily(
+            "gpujob_requests_dead_lettered", "Requests moved to the dead-letter stream, by reason.", labels=["reason"]
+        )
+        for reason, n in sorted(stats.dead_lettered_total.items()):
+            dead.add_metric([reason], n)
+        yield dead
+        requests = CounterMetricFamily("gpujob_requests", "Stream requests handled, by outcome.", labels=["outcome"])
+        # Known outcomes are always present (0 until the first), so increase() sees the first dead letter too.
+        outcomes = {outcome: 0 for outcome in REQUEST_OUTCOMES} | dict(stats.requests_total)
+        for outcome, n in sorted(outcomes.items()):
+            requests.add_metric([outcome], n)
+        yield requests
+
+
+class Metrics:
+    """All metrics of one operator, in one registry. `clock` is injectable for tests."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, clock: Callable[[], datetime] = _utcnow) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.clock = clock
+        self.stream_stats_source: Callable[[], StreamStats | None] | None = None
+        self._lock = threading.Lock()
+        self._live: dict[str, LiveJob] = {}
+        self._finished: OrderedDict[str, str] = OrderedDict()  # job id -> _ENDED | _DELETED
+        self._readiness: dict[str, ReadinessCheck] = {}
+        self.readiness_timeout = READINESS_TIMEOUT_SECONDS
+        r = self.registry
+
+        self.jobs_total = Counter(
+            "gpu_worker_jobs_total", "Jobs finished, by type and terminal status.", ["type", "status"], registry=r
+        )
+        self.job_duration = Histogram(
+            "gpu_worker_job_duration_seconds",
+            "Seconds from a job's first Running (or creation) to its end.",
+            ["type"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.job_errors = Counter(
+            "gpu_worker_job_errors_total",
+            "Failed jobs and failed attempts (retried), by type and reason.",
+            ["type", "reason"],
+            registry=r,
+        )
+        self.progress = Gauge(
+            "gpu_worker_progress_percent", "Progress of running jobs (0-100).", ["job_id", "type"], registry=r
+        )
+        self.queue_wait = Histogram(
+            "gpujob_queue_wait_seconds",
+            "Seconds from a job's creation to its first Running.",
+            ["type"],
+            buckets=QUEUE_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.retries = Counter(
+            "gpujob_retries_total", "Failed attempts that will be retried, by type and reason.", ["type", "reason"],
+            registry=r,
+        )  # fmt: skip
+        self.handler_errors = Counter(
+            "gpujob_handler_errors_total", "Exceptions raised by operator handlers.", ["handler"], registry=r
+        )
+        Info("gpujob_operator", "The running operator (absent = operator down).", registry=r).info(
+            {"version": __version__}
+        )
+        r.register(_LiveJobsCollector(self))
+        r.register(_StreamCollector(self))
+        # Series exist from the start (at 0), so rate() and ratios see the first event of each kind.
+        for job_type in JobType:
+            for phase in TERMINAL_PHASES:
+                self.jobs_total.labels(job_type.value, phase.event_status)
+            self.job_duration.labels(job_type.value)
+            self.queue_wait.labels(job_type.value)
+
+    # --- job lifecycle
+
+    def record_transition(
+        self,
+        *,
+        job_id: str,
+        namespace: str,
+        name: str,
+        job_type: str,
+        old: Phase | None,
+        new: Phase,
+        reason: str | None,
+        created_at: datetime,
+        transition_at: datetime,
+        started_at: datetime | None,
+    ) -> None:
+        """Account for one phase change (call once per change; `old=None` = the job had no phase yet).
+
+        Terminal phases count the job, observe its duration and drop its live entry and progress gauge;
+        Failed and each Retrying (a failed attempt) count an error with the reason; the first Running
+        observes the queue wait."""
+        new = Phase(new)
+        old = Phase(old) if old is not None else None
+        if old == new and new is not Phase.RETRYING:
+            return
+        reason_value = reason_label(reason)
+        first_run = False
+        with self._lock:
+            job = self._live.get(job_id)
+            if new.terminal:
+                if self._finished.get(job_id) == _ENDED:  # the same end reported again (a retried handler)
+                    return
+                self._live.pop(job_id, None)
+                self._remember_finished(job_id, _ENDED)
+            else:
+                self._finished.pop(job_id, None)
+                pending_since = None
+                if new in PENDING_PHASES:
+                    pending_since = job.pending_since if job and job.pending_since else transition_at
+                first_run = new is Phase.RUNNING and not (job and job.ran)
+                self._live[job_id] = LiveJob(
+                    job_type=job_type,
+                    namespace=namespace,
+                    name=name,
+                    phase=new,
+                    since=transition_at,
+                    pending_since=pending_since,
+                    ran=bool(job and job.ran) or new is Phase.RUNNING,
+                )
+        if new.terminal:
+            self.jobs_total.labels(job_type, new.event_status).inc()
+            self.job_duration.labels(job_type).observe(_seconds(started_at or created_at, transition_at))
+            if new is Phase.FAILED:
+                self.job_errors.labels(job_type, reason_value).inc()
+            self._remove_progress(job_id, job_type, job)
+        elif new is Phase.RETRYING:
+            self.job_errors.labels(job_type, reason_value).inc()
+            self.retries.labels(job_type, reason_value).inc()
+        elif first_run:
+            self.queue_wait.labels(job_type).observe(_seconds(created_at, transition_at))
+
+    def resync(
+        self, *, job_id: str, namespace: str, name: str, job_type: str, phase: Phase, since: datetime, ran: bool
+    ) -> None:
+        """Seed the live map with a job seen after a restart: counts nothing, observes nothing."""
+        with self._lock:
+            if phase.terminal:
+                self._live.pop(job_id, None)
+                self._remember_finished(job_id, _ENDED)
+                return
+            self._finished.pop(job_id, None)
+            self._live[job_id] = LiveJob(
+                job_type=job_type,
+                namespace=namespace,
+                name=name,
+                phase=phase,
+                since=since,
+                pending_since=since if phase in PENDING_PHASES else None,
+                ran=ran or phase is Phase.RUNNING,
+            )
+
+    def record_progress(self, *, job_id: str, job_type: str, percent: float) -> None:
+        with self._lock:
+            if job_id in self._finished:  # a late event after the end must not bring the gauge back
+                return
+        self.progress.labels(job_id, job_type).set(min(100.0, max(0.0, percent)))
+
+    def forget(self, job_id: str) -> None:
+        """The GpuJob was deleted: drop everything live about it."""
+        with self._lock:
+            job = self._live.pop(job_id, None)
+            if job_id not in self._finished:
+                self._remember_finished(job_id, _DELETED)
+        self._remove_progress(job_id, job.job_type if job else None, job)
+
+    def handler_error(self, handler: str) -> None:
+        self.handler_errors.labels(handler).inc()
+
+    def register_stream_stats(self, fn: Callable[[], StreamStats | None] | None) -> None:
+        """`fn` is called at every scrape; it returns None while the bridge is not running. None unregisters."""
+        self.stream_stats_source = fn
+
+    def live_jobs(self) -> dict[str, LiveJob]:
+        with self._lock:
+            return dict(self._live)
+
+    def _remember_finished(self, job_id: str, how: str) -> None:
+        self._finished[job_id] = how
+        self._finished.move_to_end(job_id)
+        while len(self._finished) > _FINISHED_MEMORY:
+            self._finished.popitem(last=False)
+
+    def _remove_progress(self, job_id: str, job_type: str | None, job: LiveJob | None) -> None:
+        types = {t for t in (job_type, job.job_type if job else None) if t}
+        # The type given at the end may differ from the one progress was reported with: remove any match.
+        types |= {labels[1] for labels in self._progress_label_sets() if labels[0] == job_id}
+        for t in types:
+            with contextlib.suppress(KeyError):
+                self.progress.remove(job_id, t)
+
+    def _progress_label_sets(self) -> list[tuple[str, str]]:
+        found: list[tuple[str, str]] = []
+        for metric in self.progress.collect():
+            for sample in metric.samples:
+                found.append((sample.labels["job_id"], sample.labels["type"]))
+        return found
+
+    # --- health
+
+    def add_readiness_check(self, name: str, check: ReadinessCheck) -> None:
+        """`check` answers True when its dependency is usable; /readyz is 200 only when all answer True."""
+        self._readiness[name] = check
+
+    def remove_readiness_check(self, name: str) -> None:
+        self._readiness.pop(name, None)
+
+    async def readiness(self) -> dict[str, bool]:
+        names = list(self._readiness)
+        results = await asyncio.gather(*(self._run_check(n, self._readiness[n]) for n in names))
+        return dict(zip(names, results, strict=True))
+
+    async def _run_check(self, name: str, check: ReadinessCheck) -> bool:
+        try:
+            async with asyncio.timeout(self.readiness_timeout):
+                return bool(await check())
+        except Exception as exc:  # TimeoutError included: a hung dependency is not ready
+            log.info("readiness check failed", check=name, error=repr(exc))
+            return False
+
+    # --- HTTP
+
+    def make_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/metrics", self._handle_metrics)
+        app.router.add_get("/healthz", _handle_healthz)
+        app.router.add_get("/readyz", self._handle_readyz)
+        return app
+
+    async def start_http_server(self, port: int, host: str = "0.0.0.0") -> web.AppRunner:
+        """Serve /metrics, /healthz and /readyz; stop with `await runner.cleanup()`. Port 0 = any free port
+        (see `bound_port`)."""
+        runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        log.info("metrics server listening", host=host, port=bound_port(runner))
+        return runner
+
+    async def _handle_metrics(self, request: web.Request) -> web.Response:
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        body = encoder(self.registry)
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def _handle_readyz(self, _: web.Request) -> web.Response:
+        checks = await self.readiness()
+        ready = all(checks.values())
+        return web.Response(
+            status=200 if ready else 503,
+            text=json.dumps({"ready": ready, "checks": checks}),
+            content_type="application/json",
+        )
+
+
+async def _handle_healthz(_: web.Request) -> web.Response:
+    # Answering at all proves the event loop is alive: a blocked loop times the probe out.
+    return web.Response(text=json.dumps({"alive": True}), content_type="application/json")
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    """The port a started runner listens on (useful with port 0)."""
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            return int(address[1])
+    raise RuntimeError("the metrics server is not listening")
+
+
+# --- the default instance, used by the operator
+
+METRICS: Final = Metrics()
+REGISTRY: Final = METRICS.registry
+
+
+def record_transition(
+    *,
+    job_id: str,
+    namespace: str,
+    name: str,
+    job_type: str,
+    old: Phase | None,
+    new: Phase,
+    reason: str | None,
+    created_at: datetime,
+    transition_at: datetime,
+    started_at: datetime | None,
+) -> None:
+    METRICS.record_transition(
+        job_id=job_id,
+        namespace=namespace,
+        name=name,
+        job_type=job_type,
+        old=old,
+        new=new,
+        reason=reason,
+        created_at=created_at,
+        transition_at=transition_at,
+        started_at=started_at,
+    )
+
+
+def resync(*, job_id: str, namespace: str, name: str, job_type: str, phase: Phase, since: datetime, ran: bool) -> None:
+    METRICS.resync(job_id=job_id, namespace=namespace, name=name, job_type=job_type, phase=phase, since=since, ran=ran)
+
+
+def record_progress(*, job_id: str, job_type: str, percent: float) -> None:
+    METRICS.record_progress(job_id=job_id, job_type=job_type, percent=percent)
+
+
+def forget(job_id: str) -> None:
+    METRICS.forget(job_id)
+
+
+def handler_error(handler: str) -> None:
+    METRICS.handler_error(handler)
+
+
+def register_stream_stats(fn: Callable[[], StreamStats | None] | None) -> None:
+    METRICS.register_stream_stats(fn)
+
+
+def add_readiness_check(name: str, check: ReadinessCheck) -> None:
+    METRICS.add_readiness_check(name, check)
+
+
+def remove_readiness_check(name: str) -> None:
+    METRICS.remove_readiness_check(name)
+
+
+async def start_http_server(port: int, host: str = "0.0.0.0") -> web.AppRunner:
+    return await METRICS.start_http_server(port, host)
