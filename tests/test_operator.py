@@ -159,3 +159,38 @@ def test_restart_resyncs_without_rewriting_status(operator: OperatorProcess, clu
     cluster.wait_phase("marker", Phase.SCHEDULED)
     assert {i: cluster.job(f"steady-{i}")["metadata"]["resourceVersion"] for i in range(5)} == versions
     assert all(len(cluster.pods(f"steady-{i}")) == 1 for i in range(5))
+
+
+def test_metrics_and_health_endpoints_follow_a_real_run(operator: OperatorProcess, cluster: Cluster) -> None:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        with urllib.request.urlopen(f"{operator.metrics_url}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    with urllib.request.urlopen(f"{operator.metrics_url}/readyz", timeout=5) as resp:
+        assert json.loads(resp.read())["checks"] == {"kubernetes": True}
+    cluster.create_job("m-ok", {"type": "train_voice", "retries": FAST_RETRY})
+    cluster.create_job("m-bad", {"type": "train_voice", "retries": {"limit": 0}})
+    cluster.run_pod("m-ok", 1, exit_code=0)
+    cluster.run_pod("m-bad", 1, exit_code=2)
+    cluster.wait_phase("m-ok", Phase.SUCCEEDED)
+    cluster.wait_phase("m-bad", Phase.FAILED)
+
+    def counted() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+        samples = scrape()
+        done = samples.get(("gpu_worker_jobs_total", (("status", "failed"), ("type", "train_voice"))), 0)
+        return samples if done == 1 else None
+
+    samples = wait_for(counted, what="the failed job to be counted")
+    assert samples[("gpu_worker_jobs_total", (("status", "succeeded"), ("type", "train_voice")))] == 1
+    assert samples[("gpu_worker_job_errors_total", (("reason", "Error"), ("type", "train_voice")))] == 1
+    assert samples[("gpu_worker_job_duration_seconds_count", (("type", "train_voice"),))] == 2
+    assert samples[("gpujob_queue_wait_seconds_count", (("type", "train_voice"),))] == 2

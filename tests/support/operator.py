@@ -19,6 +19,7 @@ import pytest
 from kubernetes import client
 
 from gpujob.api.constants import GROUP, PLURAL, VERSION, Label
+from gpujob.sandbox.procs import free_port
 
 READY_LINE = "operator started"
 
@@ -58,6 +59,10 @@ class OperatorProcess:
         wait_for(ready, timeout, what="the operator to start")
         return self
 
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.env['GPUJOB_METRICS_PORT']}"
+
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
@@ -88,7 +93,7 @@ def operator_factory(emulator: Any, tmp_path: Path) -> Iterator[Callable[..., Op
             KUBECONFIG=str(emulator.kubeconfig),
             GPUJOB_WORKER_IMAGE="registry.test/gpujob-worker:test",
             GPUJOB_LOG_FORMAT="json",
-            GPUJOB_METRICS_PORT="0",
+            GPUJOB_METRICS_PORT=str(free_port()),
             GPUJOB_STATUS_PROGRESS_INTERVAL="0.2",
         )
         env.update(extra_env or {})

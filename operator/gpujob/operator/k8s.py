@@ -48,6 +48,13 @@ async def close() -> None:
             _api = None
 
 
+async def ping() -> bool:
+    """Whether the API server answers (readiness)."""
+    version: Any = client.VersionApi(await api_client())
+    await version.get_code()
+    return True
+
+
 def is_status(exc: BaseException, *codes: int) -> bool:
     return isinstance(exc, ApiException) and exc.status in codes
 

@@ -11,6 +11,7 @@ import signal
 import kopf
 
 from gpujob.logging import configure as configure_logging
+from gpujob.logging import register_secret
 from gpujob.operator.handlers import register
 from gpujob.operator.runtime import Runtime, pod_defaults
 from gpujob.settings import get_settings
@@ -31,6 +32,7 @@ def main(argv: list[str]) -> int:
     if args.peering:
         settings.peering = args.peering
     configure_logging(settings.log_format, settings.log_level)
+    register_secret(settings.redis_url, settings.s3_access_key, settings.s3_secret_key)
     # kopf reports every handled event at INFO; our reconciler logs what matters.
     logging.getLogger("kopf.objects").setLevel(max(logging.WARNING, logging.getLogger().level))
     namespaces: list[str] | None = args.namespace or None

@@ -10,15 +10,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio
+from aiohttp import web
 
-from gpujob.api.constants import MANAGER, Label
-from gpujob.api.models import Progress
+from gpujob import metrics
+from gpujob.api.constants import MANAGER, Label, Phase
+from gpujob.api.models import GpuJobStatus, Progress
 from gpujob.bridge.events import EventPublisher, async_client
+from gpujob.gpu_efficiency import gpu_efficiency
 from gpujob.operator import k8s
 from gpujob.operator.builders import PodDefaults
 from gpujob.operator.cache import JobKey, Store
 from gpujob.operator.progress import EventForwarder, ProgressMirror
-from gpujob.operator.reconciler import Reconciler
+from gpujob.operator.reconciler import Reconciler, utcnow
+from gpujob.operator.status import Transition, parse_time
 from gpujob.settings import Settings
 
 log = logging.getLogger("gpujob.runtime")
@@ -54,22 +58,34 @@ class Runtime:
     redis: redis.asyncio.Redis | None = None
     forwarder: EventForwarder | None = None
     mirror: ProgressMirror | None = None
+    http: web.AppRunner | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.reconciler = Reconciler(self.store, self.defaults)
+        self.reconciler = Reconciler(self.store, self.defaults, on_error=metrics.handler_error)
+        self.reconciler.sinks.append(self.record_metrics)
+        if self.settings.prometheus_url:
+            self.reconciler.sinks.append(self.record_gpu_efficiency)
 
     def spawn(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         task.add_done_callback(_log_crash)
+        task.add_done_callback(self._forget_task)
         self._tasks.append(task)
 
+    def _forget_task(self, task: asyncio.Task[None]) -> None:
+        if task in self._tasks:
+            self._tasks.remove(task)
+
     async def start(self) -> None:
+        metrics.add_readiness_check("kubernetes", k8s.ping)
+        self.http = await metrics.METRICS.start_http_server(self.settings.metrics_port)
         # Know every Pod before the first reconcile, so a Pod not yet seen is never taken for a deleted one.
         for pod in await k8s.list_pods(self.namespaces, POD_SELECTOR):
             self.store.put_pod(pod)
         if self.settings.redis_url is not None:
             self.redis = async_client(self.settings)
+            metrics.add_readiness_check("redis", self._redis_ping)
             self.forwarder = EventForwarder(EventPublisher(self.redis, self.settings))
             self.reconciler.sinks.append(self.forwarder.sink)
             self.spawn("events", self.forwarder.run())
@@ -79,30 +95,82 @@ class Runtime:
                 self.store,
                 write_progress,
                 interval=self.settings.status_progress_interval,
+                on_progress=lambda job_id, job_type, percent: metrics.record_progress(
+                    job_id=job_id, job_type=job_type, percent=percent
+                ),
             )
             self.spawn("progress-mirror", self.mirror.run())
 
     async def stop(self) -> None:
         await self.reconciler.close()
-        for task in self._tasks:
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         if self.redis is not None:
             await self.redis.aclose()
+        if self.http is not None:
+            await self.http.cleanup()
         await k8s.close()
+
+    async def _redis_ping(self) -> bool:
+        return self.redis is not None and bool(await self.redis.ping())
+
+    # --- what happens after a status write with phase transitions
+    async def record_metrics(self, job: dict[str, Any], transitions: list[Transition], status: GpuJobStatus) -> None:
+        meta, spec = job["metadata"], job.get("spec") or {}
+        created = parse_time(meta.get("creationTimestamp")) or utcnow()
+        for t in transitions:
+            metrics.record_transition(
+                job_id=spec.get("jobId") or meta["name"],
+                namespace=meta.get("namespace", ""),
+                name=meta["name"],
+                job_type=str(spec.get("type", "")),
+                old=t.old,
+                new=t.new,
+                reason=t.reason,
+                created_at=created,
+                transition_at=utcnow(),
+                started_at=parse_time(status.start_time),
+            )
+
+    async def record_gpu_efficiency(
+        self, job: dict[str, Any], transitions: list[Transition], status: GpuJobStatus
+    ) -> None:
+        """Once per finished job: mean GPU utilisation and peak memory from DCGM, into status.metrics."""
+        if not any(t.new.terminal for t in transitions) or not status.pod_name:
+            return
+        if not (job.get("spec") or {}).get("gpus", 1):
+            return
+        key: JobKey = (job["metadata"].get("namespace", ""), job["metadata"]["name"])
+        start = parse_time(status.start_time)
+        end = parse_time(status.completion_time) or utcnow()
+        url = self.settings.prometheus_url or ""
+
+        async def query() -> None:
+            found = await gpu_efficiency(url, key[0], status.pod_name or "", start or end, end)
+            if found:
+                await k8s.patch_gpujob(*key, {"status": {"metrics": {**status.metrics, **found}}}, status=True)
+
+        self.spawn(f"gpu-efficiency-{key[1]}", query())
 
     # --- watch events
     def job_event(self, event_type: str | None, body: dict[str, Any]) -> None:
         meta = body.get("metadata") or {}
         key: JobKey = (meta.get("namespace", ""), meta.get("name", ""))
         if event_type == "DELETED":
+            held = self.store.job(key)
+            if held is not None:
+                metrics.forget((held.get("spec") or {}).get("jobId") or key[1])
             self.store.drop_job(key)
             self.reconciler.forget(key)
             if self.mirror is not None:
                 self.mirror.forget(key)
             return
+        if self.store.job(key) is None:
+            self._resync_metrics(body)
         self.store.put_job(body)
         self.spawn_reconcile(key)
 
@@ -111,6 +179,22 @@ class Runtime:
         key = self.store.key_of_uid(uid) if uid else None
         if key is not None:
             self.spawn_reconcile(key)
+
+    def _resync_metrics(self, body: dict[str, Any]) -> None:
+        """A job first seen with a phase already (an operator restart): seed the live gauges, count nothing."""
+        meta, spec, status = body.get("metadata") or {}, body.get("spec") or {}, body.get("status") or {}
+        if not status.get("phase"):
+            return
+        since = parse_time(status.get("startTime")) or parse_time(meta.get("creationTimestamp")) or utcnow()
+        metrics.resync(
+            job_id=spec.get("jobId") or meta.get("name", ""),
+            namespace=meta.get("namespace", ""),
+            name=meta.get("name", ""),
+            job_type=str(spec.get("type", "")),
+            phase=Phase(status["phase"]),
+            since=since,
+            ran=bool(status.get("startTime")),
+        )
 
     def spawn_reconcile(self, key: JobKey) -> None:
         self.reconciler.trigger_soon(key, 0.0)
