@@ -267,3 +267,16 @@ def test_pod_view_reads_container_state_and_scheduling() -> None:
         }
     )
     assert pending.reason == "Unschedulable"
+
+
+def test_resume_waits_for_the_suspended_pod_to_be_gone() -> None:
+    body = job()
+    step(body, [])
+    step(body, [pod(1, "Running")])
+    body["spec"]["suspend"] = True
+    step(body, [pod(1, "Running")])
+    body["spec"]["suspend"] = False
+    d = step(body, [pod(1, "Running", deleting=True)])  # still terminating: its process may hold the GPU
+    assert d.create_attempt is None and d.status.phase is Phase.SUSPENDED
+    d = step(body, [])
+    assert d.create_attempt == 2

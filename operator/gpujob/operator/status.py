@@ -20,6 +20,7 @@ from gpujob.api.models import Artifact, Condition, GpuJobSpec, GpuJobStatus, Pro
 MESSAGE_LIMIT = 1024  # condition/status messages are truncated, as the Kubernetes conventions ask
 
 # Pod/container reasons that mean "not this job's fault": the Pod was taken away from outside.
+ALIVE_POD_PHASES = frozenset({"Pending", "Running", "Unknown"})  # a process may still be running
 EXTERNAL_POD_REASONS = frozenset({"Evicted", "Preempting", "Preempted", "Shutdown", "NodeShutdown", "Terminated"})
 WAITING_REASONS = {
     "ImagePullBackOff": Reason.IMAGE_PULL_BACKOFF,
@@ -226,7 +227,13 @@ def _finish(b: _Builder, phase: Phase, reason: str, message: str) -> None:
         b.cond(ConditionType.FAILED, True, reason, message)
 
 
-def _start_attempt(b: _Builder, d: Decision, reason: str, message: str) -> None:
+def _start_attempt(b: _Builder, d: Decision, reason: str, message: str, pods: list[PodView]) -> bool:
+    """Start the next attempt, unless a Pod of this job is still alive (even while terminating): never two
+    Pods of one job at once. Alive Pods are deleted; their deletion events bring us back here."""
+    alive = [p for p in pods if p.phase in ALIVE_POD_PHASES]
+    if alive:
+        d.delete_pods += [p.name for p in alive if not p.deleting and p.name not in d.delete_pods]
+        return False
     b.status.attempts += 1
     b.status.pod_name = None
     b.status.node_name = None
@@ -235,6 +242,7 @@ def _start_attempt(b: _Builder, d: Decision, reason: str, message: str) -> None:
     d.create_attempt = b.status.attempts
     b.phase(Phase.SCHEDULED, reason, message)
     b.cond(ConditionType.SCHEDULED, False, Reason.POD_CREATED, f"attempt {b.status.attempts}: Pod created")
+    return True
 
 
 def _attempt_failed(b: _Builder, d: Decision, spec: GpuJobSpec, pod: PodView, reason: str, msg: str) -> None:
@@ -329,8 +337,8 @@ def decide(body: dict[str, Any], pods: list[PodView], now: datetime, *, spec: Gp
         b.cond(ConditionType.SUSPENDED, True, Reason.SUSPENDED, "spec.suspend is true")
         b.cond(ConditionType.RUNNING, False, Reason.SUSPENDED, "suspended")
     elif b.status.phase is Phase.SUSPENDED:
-        b.cond(ConditionType.SUSPENDED, False, Reason.RESUMED, "spec.suspend is false")
-        _start_attempt(b, d, Reason.RESUMED, "resumed")
+        if _start_attempt(b, d, Reason.RESUMED, "resumed", pods):
+            b.cond(ConditionType.SUSPENDED, False, Reason.RESUMED, "spec.suspend is false")
     elif b.status.phase is Phase.RETRYING:
         due = parse_time(b.status.next_attempt_time) or now
         if pod is not None and pod.active:
@@ -338,17 +346,17 @@ def decide(body: dict[str, Any], pods: list[PodView], now: datetime, *, spec: Gp
         elif pod is not None and pod.deleting:
             pass  # wait until the failed attempt's Pod is gone: never two Pods of one job at once
         elif due <= now:
-            _start_attempt(b, d, Reason.POD_CREATED, f"retrying after {b.status.failures} failed attempt(s)")
+            _start_attempt(b, d, Reason.POD_CREATED, f"retrying after {b.status.failures} failed attempt(s)", pods)
         else:
             d.requeue_after = (due - now).total_seconds()
     elif b.status.attempts == 0:
-        _start_attempt(b, d, Reason.POD_CREATED, "Pod created")
+        _start_attempt(b, d, Reason.POD_CREATED, "Pod created", pods)
     elif pod is None:
         # The Pod of the current attempt vanished from outside (node loss, preemption, kubectl delete):
         # start over without charging the job for it.
-        _start_attempt(b, d, Reason.POD_DELETED, f"Pod of attempt {b.status.attempts} was deleted; new attempt")
+        _start_attempt(b, d, Reason.POD_DELETED, f"Pod of attempt {b.status.attempts} was deleted; new attempt", pods)
     else:
-        _observe_pod(b, d, spec, pod, now)
+        _observe_pod(b, d, spec, pod, now, pods)
     d.delete_pods += [name for name in stale if name not in d.delete_pods]
     if b.status.phase is Phase.SUCCEEDED:
         b.status.progress = Progress(percent=100.0, message=(b.status.progress.message if b.status.progress else ""))
@@ -356,7 +364,7 @@ def decide(body: dict[str, Any], pods: list[PodView], now: datetime, *, spec: Gp
     return d
 
 
-def _observe_pod(b: _Builder, d: Decision, spec: GpuJobSpec, pod: PodView, now: datetime) -> None:
+def _observe_pod(b: _Builder, d: Decision, spec: GpuJobSpec, pod: PodView, now: datetime, pods: list[PodView]) -> None:
     b.status.pod_name = pod.name
     b.status.node_name = pod.node_name or b.status.node_name
     if pod.deleting and pod.phase not in {"Succeeded", "Failed"}:
@@ -392,8 +400,8 @@ def _observe_pod(b: _Builder, d: Decision, spec: GpuJobSpec, pod: PodView, now: 
         _ttl(spec, b.status, now, d)
     elif pod.phase == "Failed":
         if pod.reason in EXTERNAL_POD_REASONS:
-            _start_attempt(b, d, Reason.EVICTED, f"attempt {pod.attempt} {pod.reason}: {pod.message or ''}")
             d.delete_pods.append(pod.name)
+            _start_attempt(b, d, Reason.EVICTED, f"attempt {pod.attempt} {pod.reason}: {pod.message or ''}", pods)
             return
         failure, message = _failure_reason(pod)
         _attempt_failed(b, d, spec, pod, failure, message)
