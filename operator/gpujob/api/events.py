@@ -8,7 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class ProgressEvent(BaseModel):
-    """JSON event for the backend (ARCHITECTURE.md). `status` is the lower-case phase or `progress`."""
+    """JSON event for the backend (ARCHITECTURE.md). `status` is the lower-case phase; progress updates inside
+    an attempt are `running` events with a new `progress`."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -25,6 +26,3 @@ class ProgressEvent(BaseModel):
 
     def to_json(self) -> str:
         return self.model_dump_json(exclude_none=True)
-
-
-PROGRESS_STATUS = "progress"  # event status of a progress update inside a running attempt

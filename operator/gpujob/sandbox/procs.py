@@ -51,9 +51,7 @@ class ManagedProcess:
 
     def start(self, timeout: float = 20.0) -> None:
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                self.argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while not self.ready():
             if self.proc.poll() is not None:
@@ -86,9 +84,7 @@ class ManagedProcess:
 class RedisServer:
     """A private redis-server on a free loopback port; no persistence; optional password."""
 
-    def __init__(
-        self, port: int | None = None, password: str | None = None, workdir: Path | None = None
-    ) -> None:
+    def __init__(self, port: int | None = None, password: str | None = None, workdir: Path | None = None) -> None:
         self.port = port or free_port()
         self.password = password
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="gpujob-redis-"))
@@ -96,9 +92,7 @@ class RedisServer:
         argv += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
         if password:
             argv += ["--requirepass", password]
-        self.process = ManagedProcess(
-            "redis-server", argv, lambda: port_open(self.port), self.workdir / "redis.log"
-        )
+        self.process = ManagedProcess("redis-server", argv, lambda: port_open(self.port), self.workdir / "redis.log")
 
     @property
     def url(self) -> str:

@@ -1,0 +1,160 @@
+"""Artifacts and checkpoints in S3/MinIO through the `minio` SDK.
+
+Credentials come only from the environment (GPUJOB_S3_*, put in the Pod from a Secret by the operator).
+Every call is retried with a capped back-off on transient failures; when S3 stays unreachable the worker
+exits with the transient code (75) so the operator retries the attempt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import urllib3
+from minio import Minio
+from minio.error import S3Error
+
+from gpujob.api import Artifact
+from gpujob.logging import get_logger
+from gpujob.settings import Settings
+from gpujob.worker.errors import BadInput, TransientError
+
+PART_SIZE = 16 * 1024 * 1024  # files above this go up as multipart, parts in parallel
+ATTEMPTS = 4
+BACKOFF_SECONDS = 0.5
+MAX_BACKOFF_SECONDS = 4.0
+# S3 error codes that a later call may not see again.
+TRANSIENT_CODES = frozenset({"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "Throttling"})
+MISSING_CODES = frozenset({"NoSuchKey", "NoSuchObject"})
+SHA256_METADATA = "sha256"
+
+T = TypeVar("T")
+log = get_logger(__name__)
+
+
+def sha256_file(path: Path, chunk: int = 1024 * 1024) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def make_client(settings: Settings) -> Minio:
+    # urllib3 retries connection-level hiccups quickly; the loop in ArtifactStore._call covers the rest.
+    http = urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=3.0, read=60.0),
+        retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)),
+        maxsize=8,
+    )
+    secret = settings.s3_secret_key.get_secret_value() if settings.s3_secret_key else None
+    access = settings.s3_access_key.get_secret_value() if settings.s3_access_key else None
+    return Minio(
+        settings.s3_endpoint,
+        access_key=access,
+        secret_key=secret,
+        secure=settings.s3_secure,
+        region=settings.s3_region,
+        http_client=http,
+    )
+
+
+class ArtifactStore:
+    def __init__(self, client: Minio, bucket: str, attempts: int = ATTEMPTS) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.attempts = attempts
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ArtifactStore:
+        return cls(make_client(settings), settings.s3_bucket)
+
+    def _call(self, what: str, func: Callable[[], T]) -> T:
+        delay = BACKOFF_SECONDS
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return func()
+            except S3Error as exc:
+                if exc.code in MISSING_CODES:
+                    raise
+                if exc.code not in TRANSIENT_CODES:  # denied, bad keys: a fixed Secret + retry helps
+                    raise TransientError(f"S3 {what}: {exc.code}: {exc.message}") from exc
+                error: Exception = exc
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                error = exc
+            log.warning("s3 call failed", op=what, attempt=attempt, error=str(error))
+            if attempt < self.attempts:
+                time.sleep(delay)
+                delay = min(MAX_BACKOFF_SECONDS, delay * 2)
+        raise TransientError(f"S3 {what} failed after {self.attempts} attempts: {error}") from error
+
+    def ensure_bucket(self) -> None:
+        def ensure() -> None:
+            if self.client.bucket_exists(self.bucket):
+                return
+            try:
+                self.client.make_bucket(self.bucket)
+            except S3Error as exc:  # another worker made it first
+                if exc.code not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+                    raise
+
+        self._call(f"ensure bucket {self.bucket}", ensure)
+
+    def upload(self, path: Path, key: str, content_type: str = "application/octet-stream") -> Artifact:
+        digest = sha256_file(path)
+        size = path.stat().st_size
+        self._call(
+            f"upload {key}",
+            lambda: self.client.fput_object(
+                self.bucket,
+                key,
+                str(path),
+                content_type=content_type,
+                metadata={SHA256_METADATA: digest},
+                part_size=PART_SIZE,
+            ),
+        )
+        log.info("artifact uploaded", key=key, size=size, sha256=digest)
+        return Artifact(key=key, size=size, sha256=digest)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        digest = hashlib.sha256(data).hexdigest()
+        self._call(
+            f"put {key}",
+            lambda: self.client.put_object(
+                self.bucket, key, io.BytesIO(data), len(data), metadata={SHA256_METADATA: digest}
+            ),
+        )
+
+    def get_bytes(self, key: str) -> bytes:
+        """The object's content; BadInput when it does not exist (a dataset key that was never uploaded)."""
+
+        def get() -> bytes:
+            response = self.client.get_object(self.bucket, key)
+            try:
+                return bytes(response.read())
+            finally:
+                response.close()
+                response.release_conn()
+
+        try:
+            return self._call(f"get {key}", get)
+        except S3Error as exc:  # only the missing codes get here
+            raise BadInput(f"s3://{self.bucket}/{key} does not exist") from exc
+
+    def list_keys(self, prefix: str) -> list[str]:
+        return self._call(
+            f"list {prefix}",
+            lambda: sorted(
+                obj.object_name
+                for obj in self.client.list_objects(self.bucket, prefix=prefix, recursive=True)
+                if obj.object_name and not obj.is_dir
+            ),
+        )
+
+    def remove(self, key: str) -> None:
+        self._call(f"remove {key}", lambda: self.client.remove_object(self.bucket, key))

@@ -1,0 +1,1 @@
+"""Reference tasks: small but real torch work that produces real files (see ../README.md)."""
