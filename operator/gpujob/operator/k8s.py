@@ -10,7 +10,8 @@ from typing import Any
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from gpujob.api.constants import GROUP, PLURAL, VERSION
+from gpujob import __version__
+from gpujob.api.constants import GROUP, MANAGER, PLURAL, VERSION
 
 
 class Outcome(StrEnum):
@@ -37,6 +38,7 @@ async def api_client() -> client.ApiClient:
                 await config.load_kube_config(client_configuration=configuration)
             configuration.connection_pool_maxsize = 64
             _api = client.ApiClient(configuration)
+            _api.user_agent = f"{MANAGER}/{__version__}"  # tells our calls apart in API server audit logs
         return _api
 
 

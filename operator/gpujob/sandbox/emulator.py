@@ -97,6 +97,9 @@ class Emulator:
     def request_counts(self) -> dict[RequestKey, int]:
         return self.request_log.snapshot()
 
+    def request_counts_by_agent(self) -> dict[tuple[str, RequestKey], int]:
+        return dict(self.request_log.by_agent)
+
     def total_requests(self) -> int:
         return self.request_log.total
 
@@ -172,6 +175,10 @@ class EmulatorThread:
 
     def request_counts(self) -> dict[RequestKey, int]:
         result: dict[RequestKey, int] = self.call(self.emulator.request_counts)
+        return result
+
+    def request_counts_by_agent(self) -> dict[tuple[str, RequestKey], int]:
+        result: dict[tuple[str, RequestKey], int] = self.call(self.emulator.request_counts_by_agent)
         return result
 
     def total_requests(self) -> int:

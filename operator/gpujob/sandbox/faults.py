@@ -23,13 +23,17 @@ class RequestLog:
 
     def __init__(self) -> None:
         self.counts: collections.Counter[RequestKey] = collections.Counter()
+        self.by_agent: collections.Counter[tuple[str, RequestKey]] = collections.Counter()
         self.total = 0
 
-    def record(self, key: RequestKey) -> None:
+    def record(self, key: RequestKey, agent: str = "") -> None:
         self.counts[key] += 1  # `total` is counted by the handler for every request, keyed or not
+        # The client's product name (User-Agent up to the first "/"): tells the operator's calls from a test's.
+        self.by_agent[(agent.split("/", 1)[0], key)] += 1
 
     def reset(self) -> None:
         self.counts.clear()
+        self.by_agent.clear()
         self.total = 0
 
     def snapshot(self) -> dict[RequestKey, int]:

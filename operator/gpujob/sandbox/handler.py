@@ -154,7 +154,8 @@ class SandboxHandler(kmock.KubernetesScaffold):
             raise errors.unknown_resource()
         query = raw.query
         verb = self._verb(raw.method, name, query.get("watch", "") in {"true", "1"})
-        self.request_log.record(RequestKey(verb, group, res.plural, sub or "", bool(namespace)))
+        key = RequestKey(verb, group, res.plural, sub or "", bool(namespace))
+        self.request_log.record(key, raw.headers.get("User-Agent", ""))
         await self._inject_faults(res, verb, sub)
 
         if verb == "list":
