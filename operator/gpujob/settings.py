@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     # --- Redis
     redis_url: SecretStr | None = Field(None, description="redis:// or rediss:// URL; unset = no bridge.")
     redis_ssl_ca_certs: str | None = Field(None, description="CA bundle for rediss:// (private CA).")
+    bridge: bool = Field(True, description="Run the stream intake in the operator when Redis is configured.")
     request_stream: str = "gpujobs:requests"
     dead_letter_stream: str = "gpujobs:requests:dead"
     consumer_group: str = "gpujob-operator"

@@ -16,6 +16,7 @@ from gpujob import metrics
 from gpujob.api.constants import MANAGER, Label, Phase
 from gpujob.api.models import GpuJobStatus, Progress
 from gpujob.bridge.events import EventPublisher, async_client
+from gpujob.bridge.intake import Bridge
 from gpujob.gpu_efficiency import gpu_efficiency
 from gpujob.operator import k8s
 from gpujob.operator.builders import PodDefaults
@@ -59,6 +60,8 @@ class Runtime:
     forwarder: EventForwarder | None = None
     mirror: ProgressMirror | None = None
     http: web.AppRunner | None = None
+    bridge: Bridge | None = None
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -100,8 +103,13 @@ class Runtime:
                 ),
             )
             self.spawn("progress-mirror", self.mirror.run())
+            if self.settings.bridge:
+                self.bridge = Bridge(self.settings, self.redis)
+                metrics.register_stream_stats(lambda: self.bridge.stats if self.bridge else None)
+                self.spawn("bridge", self.bridge.run(self.stopping))
 
     async def stop(self) -> None:
+        self.stopping.set()
         await self.reconciler.close()
         tasks = list(self._tasks)
         for task in tasks:

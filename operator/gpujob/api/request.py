@@ -1,0 +1,115 @@
+"""The stream request contract: what the backend XADDs to `gpujobs:requests`.
+
+One entry = fields `job` (the JSON of a JobRequest or, for a cancel, {"jobId": ...}) and optionally
+`action` (`submit`, the default, or `cancel`). `gpujob schema request` prints the JSON Schema.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gpujob.api.models import DNS_LABEL_PATTERN, JOB_ID_PATTERN, GpuJobSpec, WireModel
+
+ENTRY_JOB = "job"
+ENTRY_ACTION = "action"
+MAX_ENTRY_BYTES = 256 * 1024
+
+
+class Action(StrEnum):
+    SUBMIT = "submit"
+    CANCEL = "cancel"
+
+
+class JobRequest(GpuJobSpec):
+    """A GpuJob spec plus where to create it. `jobId` is required: it names the GpuJob and de-duplicates."""
+
+    job_id: str = Field(pattern=JOB_ID_PATTERN, max_length=128, description="The backend's id; idempotency key.")
+    namespace: str | None = Field(None, pattern=DNS_LABEL_PATTERN, description="Default: GPUJOB_NAMESPACE.")
+    priority: str | None = Field(
+        None, pattern=DNS_LABEL_PATTERN, description="PriorityClass name (same as priorityClassName)."
+    )
+
+    def to_spec(self) -> GpuJobSpec:
+        data = self.model_dump(by_alias=True, exclude_none=True, exclude={"namespace", "priority"})
+        if self.priority and not self.priority_class_name:
+            data["priorityClassName"] = self.priority
+        return GpuJobSpec.model_validate(data)
+
+
+class CancelRequest(WireModel):
+    """Only the identity is read; other fields (a backend may resend the whole request) are ignored."""
+
+    model_config = ConfigDict(
+        alias_generator=WireModel.model_config["alias_generator"], populate_by_name=True, extra="ignore"
+    )
+
+    job_id: str = Field(pattern=JOB_ID_PATTERN, max_length=128)
+    namespace: str | None = Field(None, pattern=DNS_LABEL_PATTERN)
+
+
+class InvalidEntry(ValueError):
+    """A stream entry that can never be processed; `reason` goes to the dead-letter stream."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Entry(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    action: Action
+    request: JobRequest | CancelRequest
+
+    @property
+    def job_id(self) -> str:
+        return self.request.job_id
+
+
+def _validation_reason(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "job"
+        parts.append(f"{where}: {err['msg']}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def parse_entry(fields: dict[str, Any]) -> Entry:
+    """A stream entry's fields (bytes or str) -> Entry, or InvalidEntry with a readable reason."""
+    decoded = {_text(k): _text(v) for k, v in fields.items()}
+    raw_action = decoded.get(ENTRY_ACTION, Action.SUBMIT.value).strip().lower() or Action.SUBMIT.value
+    try:
+        action = Action(raw_action)
+    except ValueError:
+        raise InvalidEntry(f"unknown action {raw_action[:40]!r} (expected submit or cancel)") from None
+    raw = decoded.get(ENTRY_JOB)
+    if raw is None:
+        raise InvalidEntry(f"missing field {ENTRY_JOB!r} (the request JSON)")
+    if len(raw) > MAX_ENTRY_BYTES:
+        raise InvalidEntry(f"field {ENTRY_JOB!r} is {len(raw)} bytes, over the {MAX_ENTRY_BYTES} limit")
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise InvalidEntry(f"field {ENTRY_JOB!r} is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidEntry(f"field {ENTRY_JOB!r} must be a JSON object, not {type(data).__name__}")
+    model = CancelRequest if action is Action.CANCEL else JobRequest
+    try:
+        request = model.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidEntry(_validation_reason(exc)) from None
+    return Entry(action=action, request=request)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
+
+
+def request_schema() -> dict[str, Any]:
+    return JobRequest.model_json_schema(by_alias=True)
