@@ -35,7 +35,11 @@ async def api_client() -> client.ApiClient:
             if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
                 config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
             else:
-                await config.load_kube_config(client_configuration=configuration)
+                # KUBECONFIG read now, not at import time (the library's default is fixed when it is imported).
+                await config.load_kube_config(
+                    config_file=os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or None,
+                    client_configuration=configuration,
+                )
             configuration.connection_pool_maxsize = 64
             _api = client.ApiClient(configuration)
             _api.user_agent = f"{MANAGER}/{__version__}"  # tells our calls apart in API server audit logs
