@@ -280,3 +280,14 @@ def test_resume_waits_for_the_suspended_pod_to_be_gone() -> None:
     assert d.create_attempt is None and d.status.phase is Phase.SUSPENDED
     d = step(body, [])
     assert d.create_attempt == 2
+
+
+def test_stale_retrying_status_follows_the_newer_pod_instead_of_deleting_it() -> None:
+    body = job({"retries": {"limit": 2, "backoffSeconds": 0}})
+    step(body, [])
+    stale = step(body, [pod(1, "Failed", exit_code=1)]).status.wire()  # phase Retrying, attempts 1
+    body["status"] = stale
+    # attempt 2's Pod exists, but the status write that said so was lost (a 409, a stale cache)
+    d = decide(body, [pod(1, "Failed", exit_code=1), pod(2, "Pending")], T0)
+    assert d.delete_pods == [] and d.create_attempt is None
+    assert d.status.attempts == 2 and d.status.phase is Phase.SCHEDULED

@@ -23,6 +23,7 @@ class ProgressEvent(BaseModel):
     seq: int | None = None
     reason: str | None = None
     artifacts: list[dict[str, Any]] | None = None
+    source: str | None = None  # "operator" for phase transitions; absent for the worker's own progress
 
     def to_json(self) -> str:
         return self.model_dump_json(exclude_none=True)

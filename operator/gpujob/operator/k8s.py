@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from enum import StrEnum
 from typing import Any
@@ -61,6 +62,16 @@ async def ping() -> bool:
     return True
 
 
+async def _read(resp: Any) -> dict[str, Any]:
+    """The JSON of a raw (`_preload_content=False`) response; errors raised as the client would have."""
+    data: dict[str, Any] = await resp.json(content_type=None)
+    if resp.status >= 400:
+        exc = ApiException(status=resp.status, reason=resp.reason)
+        exc.body = json.dumps(data).encode()
+        raise exc
+    return data
+
+
 def is_status(exc: BaseException, *codes: int) -> bool:
     return isinstance(exc, ApiException) and exc.status in codes
 
@@ -70,12 +81,11 @@ async def create_pod(namespace: str, body: dict[str, Any]) -> tuple[Outcome, dic
     api = await api_client()
     core: Any = client.CoreV1Api(api)  # stubs don't accept dict bodies
     try:
-        created = await core.create_namespaced_pod(namespace, body, _preload_content=False)
+        data = await _read(await core.create_namespaced_pod(namespace, body, _preload_content=False))
     except ApiException as exc:
         if exc.status == 409:
             return Outcome.EXISTED, None
         raise
-    data: dict[str, Any] = await created.json()
     return Outcome.CREATED, data
 
 
@@ -98,7 +108,7 @@ async def list_pods(namespaces: list[str] | None, label_selector: str) -> list[d
                 resp = await core.list_pod_for_all_namespaces(**kwargs)
             else:
                 resp = await core.list_namespaced_pod(namespace, **kwargs)
-            page = await resp.json()
+            page = await _read(resp)
             items += page.get("items") or []
             token = (page.get("metadata") or {}).get("continue")
             if not token:
@@ -109,13 +119,11 @@ async def list_pods(namespaces: list[str] | None, label_selector: str) -> list[d
 async def get_pod(namespace: str, name: str) -> dict[str, Any] | None:
     core: Any = client.CoreV1Api(await api_client())
     try:
-        resp = await core.read_namespaced_pod(name, namespace, _preload_content=False)
+        return await _read(await core.read_namespaced_pod(name, namespace, _preload_content=False))
     except ApiException as exc:
         if exc.status == 404:
             return None
         raise
-    data: dict[str, Any] = await resp.json()
-    return data
 
 
 async def delete_pod(namespace: str, name: str, grace_seconds: int | None = None) -> Outcome:
@@ -184,12 +192,11 @@ async def patch_gpujob_status(
             _content_type="application/merge-patch+json",
             _preload_content=False,
         )
+        return await _read(resp)
     except ApiException as exc:
         if exc.status == 404:
             return None
         raise
-    data: dict[str, Any] = await resp.json()
-    return data
 
 
 async def delete_gpujob(namespace: str, name: str) -> Outcome:

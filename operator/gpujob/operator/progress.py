@@ -29,6 +29,7 @@ from gpujob.operator.status import Transition
 log = logging.getLogger("gpujob.progress")
 
 MAX_BACKOFF = 30.0
+EVENT_SOURCE = "operator"  # marks our own events, so the mirror never echoes them into status
 
 
 def transition_events(job: dict[str, Any], transitions: list[Transition], status: GpuJobStatus) -> list[ProgressEvent]:
@@ -48,6 +49,7 @@ def transition_events(job: dict[str, Any], transitions: list[Transition], status
                 attempt=t.attempt,
                 reason=t.reason,
                 artifacts=artifacts,
+                source=EVENT_SOURCE,
             )
         )
     return events
@@ -135,7 +137,7 @@ class ProgressMirror:
             return
         key = self.store.key_of_job_id(event.jobId)
         job = self.store.job(key) if key else None
-        if key is None or job is None:
+        if key is None or job is None or event.source == EVENT_SOURCE:
             return
         status = job.get("status") or {}
         if status.get("phase") in {p.value for p in Phase if p.terminal} or event.phase != Phase.RUNNING.value:

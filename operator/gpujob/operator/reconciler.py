@@ -106,7 +106,9 @@ class Reconciler:
             return
         delay = 0.05 if conflict else min(MAX_ERROR_DELAY, 2.0 ** (count - 1))
         level = logging.DEBUG if conflict else logging.WARNING
-        log.log(level, "reconcile of %s/%s failed (%s); retry %d in %.1fs", *key, exc, count, delay)
+        log.log(
+            level, "reconcile of %s/%s failed (%s); retry %d in %.1fs", *key, exc, count, delay, exc_info=not conflict
+        )
         self.trigger_soon(key, delay)
 
     # --- one pass
@@ -152,13 +154,23 @@ class Reconciler:
         patch = status_patch(job.get("status") or {}, decision.status)
         if not patch:
             return
-        stored = await k8s.patch_gpujob_status(*key, patch, job["metadata"].get("resourceVersion"))
+        try:
+            stored = await k8s.patch_gpujob_status(*key, patch, job["metadata"].get("resourceVersion"))
+        except ApiException as exc:
+            if exc.status == 409:  # someone wrote in between: decide again from the fresh object
+                fresh = await k8s.get_gpujob(*key)
+                if fresh is not None:
+                    self.store.put_job(fresh)
+            raise
         if stored is None:
             return
         self.store.put_job(stored)
         if decision.transitions:
             for sink in self.sinks:
-                await sink(stored, decision.transitions, decision.status)
+                try:
+                    await sink(stored, decision.transitions, decision.status)
+                except Exception:  # events and metrics are best effort: the status write has happened
+                    log.exception("after-write hook %s failed for %s/%s", getattr(sink, "__name__", sink), *key)
 
 
 def _parse_spec(job: dict[str, Any]) -> GpuJobSpec | None:

@@ -312,7 +312,8 @@ def decide(body: dict[str, Any], pods: list[PodView], now: datetime, *, spec: Gp
 
     # Pods of newer attempts than status knows (status write lost after a create) are adopted.
     newest = max((p.attempt for p in pods), default=0)
-    if newest > b.status.attempts:
+    adopted = newest > b.status.attempts
+    if adopted:
         b.status.attempts = newest
     by_attempt = {p.attempt: p for p in pods}
     pod = by_attempt.get(b.status.attempts)
@@ -336,6 +337,11 @@ def decide(body: dict[str, Any], pods: list[PodView], now: datetime, *, spec: Gp
         b.phase(Phase.SUSPENDED, Reason.SUSPENDED, "spec.suspend is true")
         b.cond(ConditionType.SUSPENDED, True, Reason.SUSPENDED, "spec.suspend is true")
         b.cond(ConditionType.RUNNING, False, Reason.SUSPENDED, "suspended")
+    elif adopted and pod is not None:
+        # A Pod newer than the status we read: our own status write was lost (or we read a stale copy).
+        # Follow the Pod; never treat it as the failed attempt's.
+        b.status.next_attempt_time = None
+        _observe_pod(b, d, spec, pod, now, pods)
     elif b.status.phase is Phase.SUSPENDED:
         if _start_attempt(b, d, Reason.RESUMED, "resumed", pods):
             b.cond(ConditionType.SUSPENDED, False, Reason.RESUMED, "spec.suspend is false")

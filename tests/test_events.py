@@ -1,0 +1,122 @@
+"""Progress events from a real operator run: order, schema, late catch-up (`gpujob watch`), and the Node
+backend's view of them (node-redis)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from gpujob.api.constants import Phase
+from gpujob.api.events import ProgressEvent
+from gpujob.bridge.events import SyncEventPublisher, make_event
+from gpujob.settings import Settings
+from tests.support.operator import Cluster, wait_for
+
+NODE_DIR = Path(__file__).parent / "node"
+
+
+def subscriber(redis_url: str, job_id: str) -> tuple[list[ProgressEvent], threading.Event]:
+    events: list[ProgressEvent] = []
+    ready = threading.Event()
+
+    def listen() -> None:
+        client = redis.Redis.from_url(redis_url, decode_responses=True)
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(f"gpujobs:progress:{job_id}")
+        ready.set()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            message = pubsub.get_message(timeout=0.2)
+            if message:
+                events.append(ProgressEvent.model_validate_json(message["data"]))
+                if events[-1].status in {"succeeded", "failed", "cancelled"}:
+                    break
+        pubsub.close()
+        client.close()
+
+    threading.Thread(target=listen, daemon=True).start()
+    assert ready.wait(5)
+    return events, ready
+
+
+def test_phase_events_are_ordered_and_follow_the_contract(
+    operator_factory: Any, cluster: Cluster, redis_url: str, redis_client: redis.Redis
+) -> None:
+    operator_factory({"GPUJOB_REDIS_URL": redis_url})
+    events, _ = subscriber(redis_url, "ev-1")
+    cluster.create_job("ev-1", {"type": "train_lora", "retries": {"limit": 1, "backoffSeconds": 0}})
+    cluster.run_pod("ev-1", 1, exit_code=1)
+    name = cluster.wait_pod("ev-1", 2).metadata.name
+    cluster.set_pod(name, "Running")
+    # The worker's own progress, published the way gpujob.worker does, lands between the operator's events.
+    settings = Settings(redis_url=redis_url)
+    SyncEventPublisher(redis.Redis.from_url(redis_url, decode_responses=True), settings).publish(
+        make_event("ev-1", "running", 40.0, "Epoch 2/5 — loss=0.34", phase="Running", attempt=2)
+    )
+    wait_for(lambda: cluster.status("ev-1").get("progress", {}).get("percent") == 40.0, what="progress mirrored")
+    result = {"artifacts": [{"key": "loras/ev-1/adapter_model.safetensors", "size": 12, "sha256": "e" * 64}]}
+    cluster.set_pod(name, "Succeeded", exit_code=0, message=json.dumps(result))
+    wait_for(lambda: events and events[-1].status == "succeeded", what="the succeeded event")
+    statuses = [e.status for e in events]
+    assert statuses == ["queued", "scheduled", "running", "retrying", "scheduled", "running", "running", "succeeded"]
+    seqs = [e.seq for e in events]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), "seq strictly increasing"
+    assert events[-1].progress == 100 and events[-1].artifacts == result["artifacts"]
+    assert events[3].reason == "Error" and events[4].attempt == 2
+    assert all(e.jobId == "ev-1" and e.timestamp for e in events)
+    # Every event is also in the durable stream, and the latest state is kept for late subscribers.
+    durable = [json.loads(f["event"]) for _, f in redis_client.xrange("gpujobs:events") if f["jobId"] == "ev-1"]
+    assert [d["seq"] for d in durable] == seqs
+    assert json.loads(redis_client.get("gpujobs:state:ev-1"))["status"] == "succeeded"
+
+
+def test_late_subscriber_catches_up_with_gpujob_watch(operator_factory: Any, cluster: Cluster, redis_url: str) -> None:
+    operator_factory({"GPUJOB_REDIS_URL": redis_url})
+    cluster.create_job("late-1", {"type": "render_video"})
+    name = cluster.wait_pod("late-1", 1).metadata.name
+    cluster.set_pod(name, "Running")
+    cluster.wait_phase("late-1", Phase.RUNNING)
+    env = {**os.environ, "GPUJOB_REDIS_URL": redis_url}
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "gpujob.cli", "watch", "late-1", "--json", "--timeout", "60"],
+        env=env, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert watcher.stdout is not None
+    first = json.loads(watcher.stdout.readline())  # the catch-up: the latest state, before any new event
+    assert first["status"] == "running" and first["jobId"] == "late-1"
+    cluster.set_pod(name, "Succeeded", exit_code=0)
+    rest = [json.loads(line) for line in watcher.stdout]
+    assert watcher.wait(10) == 0
+    assert rest[-1]["status"] == "succeeded" and all(e["seq"] > first["seq"] for e in rest)
+
+
+def test_node_backend_submits_and_receives_running_and_succeeded(
+    operator_factory: Any, cluster: Cluster, redis_url: str
+) -> None:
+    node = shutil.which("node")
+    assert node, "node is required for the backend contract test"
+    assert (NODE_DIR / "node_modules" / "redis").is_dir(), "run `make setup` (npm install in tests/node)"
+    operator_factory({"GPUJOB_REDIS_URL": redis_url})
+    env = {**os.environ, "REDIS_URL": redis_url, "JOB_ID": "node-42", "TIMEOUT_MS": "60000"}
+    backend = subprocess.Popen([node, "backend.test.mjs"], cwd=NODE_DIR, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        # The kubelet's part: the bridge turns the request into a GpuJob, the operator into a Pod.
+        name = cluster.wait_pod("node-42", 1, timeout=30).metadata.name
+        cluster.set_pod(name, "Running")
+        cluster.wait_phase("node-42", Phase.RUNNING)
+        cluster.set_pod(name, "Succeeded", exit_code=0)
+        output, _ = backend.communicate(timeout=60)
+    finally:
+        backend.kill()
+    assert backend.returncode == 0, output
+    assert "OK queued,scheduled,running,succeeded" in output
