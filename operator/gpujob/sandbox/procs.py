@@ -82,14 +82,22 @@ class ManagedProcess:
 
 
 class RedisServer:
-    """A private redis-server on a free loopback port; no persistence; optional password."""
+    """A private redis-server on a free loopback port; optional password. No persistence unless `appendonly`
+    (every write fsynced to the AOF, so a restart loses nothing that was acknowledged)."""
 
-    def __init__(self, port: int | None = None, password: str | None = None, workdir: Path | None = None) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        password: str | None = None,
+        workdir: Path | None = None,
+        appendonly: bool = False,
+    ) -> None:
         self.port = port or free_port()
         self.password = password
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="gpujob-redis-"))
         argv = [require_binary("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1"]
-        argv += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
+        argv += ["--save", "", "--dir", str(self.workdir)]
+        argv += ["--appendonly", "yes", "--appendfsync", "always"] if appendonly else ["--appendonly", "no"]
         if password:
             argv += ["--requirepass", password]
         self.process = ManagedProcess("redis-server", argv, lambda: port_open(self.port), self.workdir / "redis.log")
@@ -107,7 +115,7 @@ class RedisServer:
         self.process.stop()
 
     def restart(self) -> None:
-        """Stop and start again on the same port (data is lost: no persistence), as a Redis restart in production."""
+        """Stop and start again on the same port, as a Redis restart in production (data survives only with AOF)."""
         self.stop()
         self.process.start()
 
