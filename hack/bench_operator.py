@@ -80,7 +80,19 @@ class Bench:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         gpujob = [sys.executable, "-m", "gpujob.cli"]
         self.sandbox = Proc(
-            [*gpujob, "sandbox", "--kubeconfig", str(self.kubeconfig), "--crds", str(REPO / "crds")],
+            [
+                *gpujob,
+                "sandbox",
+                "--kubeconfig",
+                str(self.kubeconfig),
+                "--crds",
+                str(REPO / "crds"),
+                "--no-kubelet",
+                "--no-redis",
+                "--no-s3",
+                "--state-dir",
+                str(workdir / "state"),
+            ],
             env,
             workdir / "sandbox.log",
             "ready",

@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.support.redis_server",
     "tests.support.s3_server",
     "tests.support.operator",
+    "tests.support.sandbox",
 ]

@@ -9,6 +9,8 @@ import signal
 from pathlib import Path
 
 from gpujob.sandbox.emulator import Emulator
+from gpujob.sandbox.services import SandboxServices
+from gpujob.sandbox.services import add_arguments as add_service_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="CRD file or directory of *.yaml to install (repeatable; default: ./crds)",
     )
+    add_service_arguments(parser)  # --state-dir, kubelet (--kubelet, --gpus, --models-dir), redis, s3
     return parser
 
 
@@ -41,7 +44,11 @@ async def run(args: argparse.Namespace) -> int:
         installed = sorted(r.qualified for r in emulator.registry.all() if r.from_crd)
         crds = ", ".join(installed) or "none"
         print(f"sandbox: API emulator ready at {emulator.url} (kubeconfig {args.kubeconfig}; CRDs: {crds})", flush=True)
-        await stop.wait()
+        # Kubelet, redis, S3 and the worker Secret; leaving the block stops them (and every Pod's process).
+        async with SandboxServices(args, emulator) as services:
+            print("\n".join(services.describe()), flush=True)
+            print("sandbox ready", flush=True)
+            await stop.wait()
     print("sandbox: stopped", flush=True)
     return 0
 
