@@ -291,3 +291,14 @@ def test_stale_retrying_status_follows_the_newer_pod_instead_of_deleting_it() ->
     d = decide(body, [pod(1, "Failed", exit_code=1), pod(2, "Pending")], T0)
     assert d.delete_pods == [] and d.create_attempt is None
     assert d.status.attempts == 2 and d.status.phase is Phase.SCHEDULED
+
+
+def test_retry_is_never_early_though_status_times_have_whole_seconds() -> None:
+    body = job({"retries": {"limit": 1, "backoffSeconds": 1}})
+    step(body, [])
+    now = T0 + timedelta(milliseconds=800)
+    d = step(body, [pod(1, "Failed", exit_code=1)], now)
+    assert d.status.next_attempt_time == iso(T0 + timedelta(seconds=2))
+    assert d.requeue_after is not None and d.requeue_after >= 1.0
+    assert step(body, [], now + timedelta(seconds=1)).create_attempt is None
+    assert step(body, [], T0 + timedelta(seconds=2)).create_attempt == 2

@@ -268,10 +268,13 @@ def _attempt_failed(b: _Builder, d: Decision, spec: GpuJobSpec, pod: PodView, re
         )
     else:
         delay = policy.backoff(b.status.failures)
-        b.status.next_attempt_time = iso(b.now + timedelta(seconds=delay))
+        due = b.now + timedelta(seconds=delay)
+        if due.microsecond:  # status times have whole seconds: round up, never retry early
+            due = due.replace(microsecond=0) + timedelta(seconds=1)
+        b.status.next_attempt_time = iso(due)
         b.phase(Phase.RETRYING, reason, f"{msg}; attempt {b.status.attempts + 1} in {delay:g}s")
         b.cond(ConditionType.RUNNING, False, reason, msg)
-        d.requeue_after = delay
+        d.requeue_after = (due - b.now).total_seconds()
 
 
 def _failure_reason(pod: PodView) -> tuple[str, str]:
