@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 
 import kopf
 
@@ -46,15 +45,11 @@ def main(argv: list[str]) -> int:
 async def _run(
     registry: kopf.OperatorRegistry, runtime: Runtime, namespaces: list[str] | None, peering: str | None
 ) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    # kopf handles SIGTERM/SIGINT itself: it stops the watchers, then runs the cleanup handler (runtime.stop).
     await kopf.operator(
         registry=registry,
         clusterwide=namespaces is None,
         namespaces=namespaces or (),
         standalone=peering is None,
         peering_name=peering,
-        stop_flag=stop,
     )
