@@ -74,7 +74,7 @@ bench: setup
 	$(PY) hack/bench.py
 
 chaos: setup
-	$(BIN)/pytest -q -ra -m chaos --chaos-size=full tests
+	$(BIN)/pytest -q -ra -s -m chaos --chaos-size=full tests
 
 clean:
 	rm -rf $(VENV) tests/node/node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -29,7 +29,7 @@ class RequestLog:
     def record(self, key: RequestKey, agent: str = "") -> None:
         self.counts[key] += 1  # `total` is counted by the handler for every request, keyed or not
         # The client's product name (User-Agent up to the first "/"): tells the operator's calls from a test's.
-        self.by_agent[(agent.split("/", 1)[0], key)] += 1
+        self.by_agent[(agent_product(agent), key)] += 1
 
     def reset(self) -> None:
         self.counts.clear()
@@ -44,6 +44,11 @@ class RequestLog:
         return {"total": self.total, "requests": rows}
 
 
+def agent_product(user_agent: str) -> str:
+    """`kopf/1.45.2 ...` -> `kopf`: the client's product name from its User-Agent."""
+    return user_agent.split("/", 1)[0]
+
+
 @dataclasses.dataclass
 class Faults:
     """Probabilities (0..1) of injected failures; all off by default. Discovery and OpenAPI are never faulted."""
@@ -56,15 +61,22 @@ class Faults:
     watch_gone_rate: float = 0.0  # 410 Gone when a watch resumes from a resourceVersion
     latency_seconds: float = 0.0  # added before every API request
     resources: list[str] = dataclasses.field(default_factory=list)  # plurals to fault; empty = all
+    agents: list[str] = dataclasses.field(default_factory=list)  # User-Agent products to fault; empty = all
     seed: int | None = None
 
     def __post_init__(self) -> None:
         self._random = random.Random(self.seed)
+        self.injected: collections.Counter[str] = collections.Counter()  # kind -> faults injected so far
 
-    def roll(self, rate: float, resource: str) -> bool:
+    def roll(self, rate: float, resource: str, agent: str = "", kind: str = "fault") -> bool:
         if rate <= 0 or (self.resources and resource not in self.resources):
             return False
-        return self._random.random() < rate
+        if self.agents and agent_product(agent) not in self.agents:
+            return False
+        hit = self._random.random() < rate
+        if hit:
+            self.injected[kind] += 1
+        return hit
 
     def update(self, changes: dict[str, Any]) -> None:
         names = {field.name for field in dataclasses.fields(self)}
@@ -77,4 +89,4 @@ class Faults:
             self._random = random.Random(self.seed)
 
     def as_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "injected": dict(self.injected)}

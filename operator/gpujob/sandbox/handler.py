@@ -156,7 +156,7 @@ class SandboxHandler(kmock.KubernetesScaffold):
         verb = self._verb(raw.method, name, query.get("watch", "") in {"true", "1"})
         key = RequestKey(verb, group, res.plural, sub or "", bool(namespace))
         self.request_log.record(key, raw.headers.get("User-Agent", ""))
-        await self._inject_faults(res, verb, sub)
+        await self._inject_faults(res, verb, sub, raw.headers.get("User-Agent", ""))
 
         if verb == "list":
             return self._list(raw, res, namespace)
@@ -208,20 +208,24 @@ class SandboxHandler(kmock.KubernetesScaffold):
             raise errors.method_not_allowed()
         return verbs[method]
 
-    async def _inject_faults(self, res: Resource, verb: str, sub: str | None) -> None:
+    async def _inject_faults(self, res: Resource, verb: str, sub: str | None, agent: str) -> None:
         faults = self.faults
         if faults.latency_seconds > 0:
             await asyncio.sleep(faults.latency_seconds)
-        if faults.roll(faults.error_429_rate, res.plural):
+        if faults.roll(faults.error_429_rate, res.plural, agent, "429"):
             raise errors.ApiError(
                 429,
                 "TooManyRequests",
                 "sandbox: injected 429, please try again later",
                 {"retryAfterSeconds": faults.retry_after_seconds},
             )
-        if faults.roll(faults.error_500_rate, res.plural):
+        if faults.roll(faults.error_500_rate, res.plural, agent, "500"):
             raise errors.ApiError(500, "InternalError", "sandbox: injected internal error", {})
-        if sub == "status" and verb in {"update", "patch"} and faults.roll(faults.status_conflict_rate, res.plural):
+        if (
+            sub == "status"
+            and verb in {"update", "patch"}
+            and faults.roll(faults.status_conflict_rate, res.plural, agent, "409")
+        ):
             raise errors.conflict(res, "(injected)")
 
     @staticmethod

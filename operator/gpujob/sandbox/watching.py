@@ -65,6 +65,7 @@ async def serve_watch(
     handler: SandboxHandler, raw: web.BaseRequest, res: Resource, namespace: str, name: str | None
 ) -> web.StreamResponse:
     store, faults, query = handler.store, handler.faults, raw.query
+    agent = raw.headers.get("User-Agent", "")
     predicate = handler.selection(raw, namespace, name)
     renderer = _Renderer(res, tables.wants_table(raw.headers.get("Accept", "")), query.get("includeObject", ""))
     requested = query.get("resourceVersion", "")
@@ -74,7 +75,7 @@ async def serve_watch(
 
     response = web.StreamResponse(status=200, headers=HEADERS)
     try:
-        if not send_initial and faults.roll(faults.watch_gone_rate, res.plural):
+        if not send_initial and faults.roll(faults.watch_gone_rate, res.plural, agent, "410"):
             raise TooOld(f"too old resource version: {requested} (sandbox: injected)")
         watcher, backlog = store.subscribe(res.store_key, None if send_initial else int(requested))
     except TooOld as exc:
@@ -96,7 +97,7 @@ async def serve_watch(
         chunk += [line for event in backlog if (line := renderer.event(event, predicate)) is not None]
         if chunk:
             await response.write(b"".join(chunk))
-        await _stream(handler, response, watcher.queue, renderer, predicate, timeout, bookmarks)
+        await _stream(handler, response, watcher.queue, renderer, predicate, timeout, bookmarks, agent)
     except (ConnectionResetError, asyncio.CancelledError):
         pass  # the client went away
     finally:
@@ -112,6 +113,7 @@ async def _stream(
     predicate: Predicate | None,
     deadline_seconds: float | None,
     bookmarks: bool,
+    agent: str = "",
 ) -> None:
     loop = asyncio.get_running_loop()
     deadline = None if deadline_seconds is None else loop.time() + deadline_seconds
@@ -137,7 +139,7 @@ async def _stream(
             line = renderer.event(item, predicate)
             if line is not None:
                 chunk.append(line)
-                if faults.roll(faults.watch_cut_rate, res.plural):
+                if faults.roll(faults.watch_cut_rate, res.plural, agent, "watch_cut"):
                     await response.write(b"".join(chunk))
                     return
         if chunk:
