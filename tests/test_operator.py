@@ -194,3 +194,18 @@ def test_metrics_and_health_endpoints_follow_a_real_run(operator: OperatorProces
     assert samples[("gpu_worker_job_errors_total", (("reason", "Error"), ("type", "train_voice")))] == 1
     assert samples[("gpu_worker_job_duration_seconds_count", (("type", "train_voice"),))] == 2
     assert samples[("gpujob_queue_wait_seconds_count", (("type", "train_voice"),))] == 2
+
+
+def test_operator_starts_and_works_while_the_api_throttles_it(
+    operator_factory: Any, cluster: Cluster, emulator: Any
+) -> None:
+    # Regression (found by the chaos suite): a 429 on the start-up Pod list failed kopf's startup activity,
+    # which kopf retries only after 60 s.
+    emulator.set_faults(
+        error_429_rate=0.5, retry_after_seconds=0, resources=["pods"], agents=["gpujob-operator"], seed=3
+    )
+    operator_factory()
+    cluster.create_job("throttled", {"type": "train_lora"})
+    cluster.run_pod("throttled", 1)
+    cluster.wait_phase("throttled", Phase.SUCCEEDED)
+    assert emulator.thread.emulator.faults.injected["429"] > 0, "the run was throttled"

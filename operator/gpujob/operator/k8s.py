@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import Awaitable, Callable
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from gpujob import __version__
 from gpujob.api.constants import GROUP, MANAGER, PLURAL, VERSION
+
+T = TypeVar("T")
 
 
 class Outcome(StrEnum):
@@ -68,8 +71,41 @@ async def _read(resp: Any) -> dict[str, Any]:
     if resp.status >= 400:
         exc = ApiException(status=resp.status, reason=resp.reason)
         exc.body = json.dumps(data).encode()
+        exc.headers = dict(resp.headers)
         raise exc
     return data
+
+
+TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+def transient(exc: BaseException) -> bool:
+    """Worth retrying: throttled, a server error, or the connection failed."""
+    if isinstance(exc, ApiException):
+        return exc.status in TRANSIENT_STATUSES
+    return isinstance(exc, OSError | asyncio.TimeoutError)
+
+
+def _retry_after(exc: BaseException, default: float) -> float:
+    headers = getattr(exc, "headers", None) or {}
+    try:
+        return max(default, float(headers.get("Retry-After", default)))
+    except (TypeError, ValueError):
+        return default
+
+
+async def with_retries(call: Callable[[], Awaitable[T]], attempts: int = 8, cap: float = 10.0) -> T:
+    """`call()` retried on transient errors with capped exponential back-off (honouring Retry-After)."""
+    delay = 0.2
+    for attempt in range(1, attempts + 1):
+        try:
+            return await call()
+        except Exception as exc:
+            if attempt == attempts or not transient(exc):
+                raise
+            await asyncio.sleep(min(cap, _retry_after(exc, delay)))
+            delay = min(cap, delay * 2)
+    raise AssertionError("unreachable")
 
 
 def is_status(exc: BaseException, *codes: int) -> bool:

@@ -107,7 +107,13 @@ class Reconciler:
         delay = 0.05 if conflict else min(MAX_ERROR_DELAY, 2.0 ** (count - 1))
         level = logging.DEBUG if conflict else logging.WARNING
         log.log(
-            level, "reconcile of %s/%s failed (%s); retry %d in %.1fs", *key, exc, count, delay, exc_info=not conflict
+            level,
+            "reconcile of %s/%s failed (%s); retry %d in %.1fs",
+            *key,
+            _short(exc),
+            count,
+            delay,
+            exc_info=not k8s.transient(exc) and not conflict,
         )
         self.trigger_soon(key, delay)
 
@@ -171,6 +177,12 @@ class Reconciler:
                     await sink(stored, decision.transitions, decision.status)
                 except Exception:  # events and metrics are best effort: the status write has happened
                     log.exception("after-write hook %s failed for %s/%s", getattr(sink, "__name__", sink), *key)
+
+
+def _short(exc: Exception) -> str:
+    if isinstance(exc, ApiException):
+        return f"API {exc.status} {exc.reason}"
+    return repr(exc)
 
 
 def _parse_spec(job: dict[str, Any]) -> GpuJobSpec | None:

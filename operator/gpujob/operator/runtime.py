@@ -84,7 +84,7 @@ class Runtime:
         metrics.add_readiness_check("kubernetes", k8s.ping)
         self.http = await metrics.METRICS.start_http_server(self.settings.metrics_port)
         # Know every Pod before the first reconcile, so a Pod not yet seen is never taken for a deleted one.
-        for pod in await k8s.list_pods(self.namespaces, POD_SELECTOR):
+        for pod in await k8s.with_retries(lambda: k8s.list_pods(self.namespaces, POD_SELECTOR)):
             self.store.put_pod(pod)
         if self.settings.redis_url is not None:
             self.redis = async_client(self.settings)
