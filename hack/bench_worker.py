@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchrows import row  # hack/ is on sys.path when run as a script
+
 TEXTS = [f"sample {i}: the quick brown fox jumps over the lazy dog, low rank adapters are cheap" for i in range(64)]
 CHECKPOINT_EVERY = 1.0  # seconds: far more often than production's 60 s, so checkpoints are in the measurement
 
@@ -203,6 +205,12 @@ def main() -> int:
         share = 100 * (hook * bare_rate + ckpt / interval)
         where = f"at {bare_rate:.0f} steps/s, checkpoint every {interval:>4.0f} s"
         print(f"  accounted overhead {where}: {share:.2f} % (target <= 3 %)")
+    row("train_lora steps/s through gpujob worker (Redis + S3)", worker_rates, "steps/s")
+    row("train_lora steps/s, bare loop", bare_rates, "steps/s")
+    row("worker overhead, interleaved blocks", [overhead], "%", "noise-bound; see accounted")
+    row("worker overhead, accounted (hooks + checkpoint every 60 s)", [100 * (hook * bare_rate + ckpt / 60.0)], "%",
+        "target ≤ 3 %")  # fmt: skip
+    row(f"artifact upload ({args.upload_mb} MB, multipart, sha256)", upload_rates, "MB/s")
     return 0
 
 
