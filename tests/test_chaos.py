@@ -212,6 +212,12 @@ def test_chaos_nothing_lost_nothing_doubled(tmp_path: Path, request: pytest.Fixt
             )
             time.sleep(0.5)
         time.sleep(2)  # let trailing events land before the checks
+        uids = {
+            j["metadata"]["uid"]
+            for j in custom.list_namespaced_custom_object(GROUP, VERSION, "default", PLURAL)["items"]
+        }
+        pods = client.CoreV1Api(api).list_pod_for_all_namespaces(label_selector=f"{Label.MANAGED_BY}={MANAGER}").items
+        orphans = [p.metadata.name for p in pods if not {o.uid for o in p.metadata.owner_references or []} & uids]
         with urllib.request.urlopen(f"{server}/_sandbox/faults", timeout=10) as resp:
             injected = json.loads(resp.read())["injected"]
     finally:
@@ -221,29 +227,35 @@ def test_chaos_nothing_lost_nothing_doubled(tmp_path: Path, request: pytest.Fixt
         sandbox.stop()
         redis_server.stop()
 
-    # 1. every valid request has exactly one GpuJob (and no GpuJob came from nowhere)
-    jobs = list(seen)
-    assert sorted(j for j in jobs if j.startswith("chaos-")) == sorted(expected)
-    assert all(j in expected for j in jobs), f"unexpected GpuJobs: {set(jobs) - set(expected)}"
-    # 2. every GpuJob reached the right terminal phase
-    wrong = {j: (seen[j], want) for j, want in expected.items() if seen[j] != want}
-    assert not wrong, f"wrong outcomes: {wrong}"
-    # 3. at most one running Pod per GpuJob at any time
-    assert max(chaos.max_running_per_job.values(), default=0) <= 1, chaos.max_running_per_job.most_common(3)
-    # 4. every malformed request was dead-lettered, and nothing else
-    dead = r_after(redis_server).xrange("gpujobs:requests:dead")
-    assert len(dead) == malformed, [f["reason"] for _, f in dead][:5]
-    assert all(f.get("reason") for _, f in dead)
-    # 5. no reconcile retried beyond its cap
-    retries = [int(n) for n in re.findall(r"; retry (\d+) in", operator.log.read_text(errors="replace"))]
-    assert max(retries, default=0) <= MAX_ERROR_RETRIES
-    # 6. every job's events are in order, queued first and one terminal event last
-    events: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for _, f in r_after(redis_server).xrange("gpujobs:events"):
-        events[f["jobId"]].append(json.loads(f["event"]))
-    for job_id, evs in events.items():
-        seqs = [e["seq"] for e in evs]
-        assert seqs == sorted(set(seqs)), f"{job_id}: events out of order {seqs}"
+    after = r_after(redis_server)
+    try:
+        # 1. every valid request has exactly one GpuJob (and no GpuJob came from nowhere)
+        jobs = list(seen)
+        assert sorted(j for j in jobs if j.startswith("chaos-")) == sorted(expected)
+        assert all(j in expected for j in jobs), f"unexpected GpuJobs: {set(jobs) - set(expected)}"
+        # 2. every GpuJob reached the right terminal phase
+        wrong = {j: (seen[j], want) for j, want in expected.items() if seen[j] != want}
+        assert not wrong, f"wrong outcomes: {wrong}"
+        # 3. no Pod without its GpuJob, and at most one running Pod per GpuJob at any time
+        assert not orphans, f"orphan pods: {orphans[:5]}"
+        assert max(chaos.max_running_per_job.values(), default=0) <= 1, chaos.max_running_per_job.most_common(3)
+        # 4. every malformed request was dead-lettered, and nothing else
+        dead = after.xrange("gpujobs:requests:dead")
+        assert len(dead) == malformed, [f["reason"] for _, f in dead][:5]
+        assert all(f.get("reason") for _, f in dead)
+        # 5. no reconcile retried beyond its cap
+        retries = [int(n) for n in re.findall(r"; retry (\d+) in", operator.log.read_text(errors="replace"))]
+        assert max(retries, default=0) <= MAX_ERROR_RETRIES
+        # 6. every job's events are in order, queued first and one terminal event last
+        events: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for _, f in after.xrange("gpujobs:events"):
+            events[f["jobId"]].append(json.loads(f["event"]))
+        for job_id, evs in events.items():
+            seqs = [e["seq"] for e in evs]
+            assert seqs == sorted(set(seqs)), f"{job_id}: events out of order {seqs}"
+    finally:
+        after.close()
+        redis_server.stop()
     assert "Traceback" not in sandbox_log or "sandbox: injected" in sandbox_log
     assert sum(injected.values()) > 0, "no fault was injected: the run proved nothing"
     print(f"\nchaos: {len(expected)} jobs, {malformed} malformed, {chaos.kills} operator kills, "
@@ -253,4 +265,11 @@ def test_chaos_nothing_lost_nothing_doubled(tmp_path: Path, request: pytest.Fixt
 def r_after(server: RedisServer) -> redis.Redis:
     """Read the streams back after the run (Redis stopped: start it again on its AOF)."""
     server.process.start()
-    return redis.Redis.from_url(server.url, decode_responses=True)
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    for _ in range(300):  # the AOF is replayed before Redis answers
+        try:
+            client.ping()
+            return client
+        except redis.BusyLoadingError:
+            time.sleep(0.1)
+    raise AssertionError("Redis did not load its AOF")
