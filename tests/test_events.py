@@ -120,3 +120,33 @@ def test_node_backend_submits_and_receives_running_and_succeeded(
         backend.kill()
     assert backend.returncode == 0, output
     assert "OK queued,scheduled,running,succeeded" in output
+
+
+def test_no_secret_ever_reaches_the_operator_log(operator_factory: Any, cluster: Cluster, tmp_path: Path) -> None:
+    from gpujob.sandbox.procs import RedisServer
+
+    password, s3_key, s3_secret = "r3dis-Pa55word-xyz", "AKIA-SANDBOX-KEY-123", "s3-Secret-Key-Value-456"
+    with RedisServer(password=password) as server:
+        op = operator_factory(
+            {
+                "GPUJOB_REDIS_URL": server.url,
+                "GPUJOB_S3_ACCESS_KEY": s3_key,
+                "GPUJOB_S3_SECRET_KEY": s3_secret,
+                "GPUJOB_LOG_LEVEL": "DEBUG",
+            }  # fmt: skip
+        )
+        r = redis.Redis.from_url(server.url, decode_responses=True)
+        r.xadd("gpujobs:requests", {"job": json.dumps({"jobId": "secretive", "type": "train_lora"})})
+        r.xadd("gpujobs:requests", {"job": "{broken"})
+        cluster.wait_pod("secretive", 1)
+        r.close()
+        server.stop()  # Redis goes away: the operator logs connection errors, which must not carry the URL's password
+        wait_for(
+            lambda: "Connection refused" in op.logs() or "Error " in op.logs(), timeout=30, what="a Redis error logged"
+        )
+        server.process.start()
+        op.stop()
+    logs = op.logs()
+    assert "secretive" in logs or "dead-lettered" in logs  # the log did record the run
+    for secret in (password, s3_key, s3_secret):
+        assert secret not in logs, f"a secret leaked into the log: {secret[:4]}…"
