@@ -133,7 +133,7 @@ def test_no_secret_ever_reaches_the_operator_log(operator_factory: Any, cluster:
                 "GPUJOB_S3_ACCESS_KEY": s3_key,
                 "GPUJOB_S3_SECRET_KEY": s3_secret,
                 "GPUJOB_LOG_LEVEL": "DEBUG",
-            }  # fmt: skip
+            }
         )
         r = redis.Redis.from_url(server.url, decode_responses=True)
         r.xadd("gpujobs:requests", {"job": json.dumps({"jobId": "secretive", "type": "train_lora"})})
