@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from gpujob.sandbox.procs import wait_for
 from gpujob.sandbox.stack import LocalStack, processes_under
-from tests.support.sandbox import wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from tests.support.sandbox import KubeletThread, wait_for
+from gpujob.sandbox.procs import wait_for
+from tests.support.sandbox import KubeletThread
 
 NS = "default"
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from gpujob.sandbox import EmulatorThread
+from gpujob.sandbox.procs import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 CRDS = REPO / "crds"
@@ -77,14 +78,5 @@ def k8s_api(emulator: RunningEmulator) -> Iterator[Any]:
 
 
 def wait_until(condition: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05, message: str = "") -> Any:
-    """Poll until `condition()` is truthy and return its value; fail with `message` after `timeout` seconds."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s: {message or condition}")
-        time.sleep(interval)
+    """`gpujob.sandbox.procs.wait_for`, with the emulator tests' keyword."""
+    return wait_for(condition, timeout, interval, what=message)

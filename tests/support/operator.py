@@ -19,21 +19,9 @@ import pytest
 from kubernetes import client
 
 from gpujob.api.constants import GROUP, PLURAL, VERSION, Label
-from gpujob.sandbox.procs import free_port
+from gpujob.sandbox.procs import free_port, wait_for
 
 READY_LINE = "operator started"
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05, what: str = "") -> Any:
-    """Poll until `predicate()` is truthy; return its value or fail with `what`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        time.sleep(interval)
 
 
 @dataclass

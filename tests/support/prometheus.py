@@ -9,7 +9,6 @@ import contextlib
 import json
 import tempfile
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -21,15 +20,12 @@ from typing import Any
 
 import yaml
 
-from gpujob.sandbox.procs import ManagedProcess, free_port, require_binary
+from gpujob.sandbox.procs import ManagedProcess, free_port, require_binary, wait_for
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> None:
+    """`gpujob.sandbox.procs.wait_for` with (timeout, what) in the order the metrics tests pass them."""
+    wait_for(predicate, timeout, interval, what=what)
 
 
 class ExpositionServer:

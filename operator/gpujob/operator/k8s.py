@@ -71,7 +71,7 @@ async def _read(resp: Any) -> dict[str, Any]:
     if resp.status >= 400:
         exc = ApiException(status=resp.status, reason=resp.reason)
         exc.body = json.dumps(data).encode()
-        exc.headers = dict(resp.headers)
+        exc.headers = resp.headers
         raise exc
     return data
 

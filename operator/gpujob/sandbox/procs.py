@@ -13,10 +13,23 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 
 class ComponentMissing(RuntimeError):
     """A binary the sandbox needs is not installed (run `make setup`)."""
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05, what: str = "") -> Any:
+    """Poll until `predicate()` is truthy and return its value; TimeoutError naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what or predicate}")
+        time.sleep(interval)
 
 
 def free_port() -> int:

@@ -14,33 +14,20 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from gpujob.api.constants import GROUP, PLURAL, VERSION, Label
 from gpujob.api.naming import job_name
-from gpujob.sandbox.procs import free_port
+from gpujob.sandbox.procs import free_port, wait_for
 from gpujob.settings import Settings
 
 Json = dict[str, Any]
 VENV_BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[3]
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
 
 
 class Process:
@@ -63,7 +50,7 @@ class Process:
             return self.ready_text in self.logs()
 
         try:
-            wait_for(ready, timeout, f"{self.name} to start")
+            wait_for(ready, timeout, what=f"{self.name} to start")
         except TimeoutError as exc:
             raise TimeoutError(f"{exc}\n{self.tail()}") from exc
         return self
