@@ -138,46 +138,21 @@ def set_condition(
     generation: int | None,
 ) -> list[Condition]:
     """Upsert one condition; lastTransitionTime changes only when its status flips."""
-    wanted = "True" if status else "False"
-    message = truncate(message)
-    out: list[Condition] = []
-    found = False
-    for cond in conditions:
-        if cond.type != ctype:
-            out.append(cond)
-            continue
-        found = True
-        if (cond.status, cond.reason, cond.message, cond.observed_generation) == (
-            wanted,
-            reason,
-            message,
-            generation,
-        ):
-            out.append(cond)
-        else:
-            since = cond.last_transition_time if cond.status == wanted else iso(now)
-            out.append(
-                Condition(
-                    type=ctype,
-                    status=wanted,
-                    reason=reason,
-                    message=message,
-                    last_transition_time=since,
-                    observed_generation=generation,
-                )
-            )
-    if not found:
-        out.append(
-            Condition(
-                type=ctype,
-                status=wanted,
-                reason=reason,
-                message=message,
-                last_transition_time=iso(now),
-                observed_generation=generation,
-            )
-        )
-    return out
+    wanted = Condition(
+        type=ctype,
+        status="True" if status else "False",
+        reason=reason,
+        message=truncate(message),
+        last_transition_time=iso(now),
+        observed_generation=generation,
+    )
+    held = next((c for c in conditions if c.type == ctype), None)
+    if held is not None:
+        if held.model_dump(exclude={"last_transition_time"}) == wanted.model_dump(exclude={"last_transition_time"}):
+            return conditions
+        if held.status == wanted.status:
+            wanted.last_transition_time = held.last_transition_time
+    return [wanted if c.type == ctype else c for c in conditions] if held is not None else [*conditions, wanted]
 
 
 @dataclass
