@@ -40,18 +40,16 @@ def bridge_main(argv: list[str]) -> int:
 
 
 async def _run_bridge(settings: Settings) -> None:
-    from gpujob.bridge.intake import Bridge
+    from gpujob.bridge.intake import run_bridge
     from gpujob.operator import k8s
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    client = async_client(settings)
     try:
-        await Bridge(settings, client).run(stop)
+        await run_bridge(settings, stop)
     finally:
-        await client.aclose()
         await k8s.close()
 
 

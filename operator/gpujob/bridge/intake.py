@@ -8,8 +8,11 @@
   by dead consumers (XAUTOCLAIM).
 - Entries that can never work (malformed, invalid, rejected by the API server as invalid/forbidden, delivered
   too many times) go to `gpujobs:requests:dead` with the original fields and a readable reason, then are acked.
-- Transient failures (API 5xx/429/unreachable) leave the entry pending; the bridge backs off and retries.
-- Entries of one jobId in a batch are handled in order (submit then cancel); different jobIds concurrently.
+- Transient failures (API 5xx/429/unreachable) are retried in place with back-off (a few times, so a flaky
+  API server loses nothing and does not use up deliveries); then the entry stays pending and the bridge backs
+  off before reading again. Only real re-deliveries count against max_deliveries.
+- Entries of one jobId are handled in stream order (submit then cancel), also across the two batches that may be
+  in flight at once; different jobIds concurrently (at most `concurrency` creates in flight).
 - Redis going away is logged and retried with capped back-off; it never stops the operator.
 """
 
@@ -17,24 +20,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 from kubernetes_asyncio.client.exceptions import ApiException
 from redis.exceptions import RedisError, ResponseError
 
 from gpujob.api.constants import API_VERSION, KIND, Annotation, Label
 from gpujob.api.naming import job_name, label_value
 from gpujob.api.request import Action, Entry, InvalidEntry, JobRequest, parse_entry
+from gpujob.bridge.events import async_client
 from gpujob.operator import k8s
 from gpujob.settings import Settings
 
 log = logging.getLogger("gpujob.bridge")
 
 MAX_BACKOFF = 30.0
+TRANSIENT_RETRIES = 4  # in place, with back-off from RETRY_DELAY: ~4 s before the entry is left pending
+RETRY_DELAY = 0.25
+HEALTHY_AFTER = 10.0  # seconds a serving period must last for the reconnect back-off to start over
 PERMANENT_API_STATUSES = frozenset({400, 403, 404, 422})
 Fields = dict[str, str]
 
@@ -52,8 +61,9 @@ class BridgeStats:
 
     lag: int | None = None
     pending: int = 0
-    dead_lettered_total: Counter[str] = field(default_factory=Counter)
-    requests_total: Counter[str] = field(default_factory=Counter)
+    dead_lettered_total: Counter[str] = field(default_factory=Counter)  # by _reason_kind
+    requests_total: Counter[str] = field(default_factory=Counter)  # by Outcome
+    transient_errors_total: int = 0  # API calls that failed transiently (each retry counts)
 
 
 class Transient(Exception):
@@ -75,6 +85,18 @@ def gpujob_body(request: JobRequest, entry_id: str) -> dict[str, Any]:
     }
 
 
+def _resource_missing(exc: ApiException) -> bool:
+    """A 404 for the GpuJob resource itself (CRD not installed yet, or being upgraded), not for the request's
+    namespace: that is the cluster's state, not the request's fault, so it is retried, never dead-lettered."""
+    if exc.status != 404:
+        return False
+    try:
+        details = json.loads(exc.body or "{}").get("details") or {}
+    except (ValueError, AttributeError):
+        return False
+    return details.get("kind") != "namespaces"
+
+
 def _api_reason(exc: ApiException) -> str:
     try:
         message = json.loads(exc.body or "{}").get("message")
@@ -89,6 +111,9 @@ class Bridge:
     client: Any  # a redis.asyncio.Redis (decode_responses=True); its stubs type replies as unnarrowable unions
     stats: BridgeStats = field(default_factory=BridgeStats)
     _sem: asyncio.Semaphore = field(init=False)
+    _stop: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    _last_error: dict[str, str] = field(init=False, default_factory=dict)  # entry id -> why it is still pending
+    _tails: dict[str, asyncio.Task[None]] = field(init=False, default_factory=dict)  # jobId -> its latest work
 
     def __post_init__(self) -> None:
         self._sem = asyncio.Semaphore(self.settings.concurrency)
@@ -107,9 +132,12 @@ class Bridge:
 
     # --- the loop
     async def run(self, stop: asyncio.Event) -> None:
-        """Until `stop` is set: never raises on Redis or API trouble, only backs off."""
+        """Until `stop` is set: never raises (input, Redis or API trouble, even a bug), only logs and backs off."""
+        self._stop = stop
+        loop = asyncio.get_running_loop()
         delay = 0.5
         while not stop.is_set():
+            started = loop.time()
             try:
                 await self._serve(stop)
                 return
@@ -118,6 +146,10 @@ class Bridge:
             except Transient as exc:
                 log.warning("bridge paused: %s", exc)
                 await self._wait_for_api(stop)
+            except Exception:  # a bug must not end the intake for the operator's lifetime
+                log.exception("bridge failed; restarting in %.1fs", delay)
+            if loop.time() - started > HEALTHY_AFTER:
+                delay = 0.5  # it served for a while: this is a new incident, not the same one going on
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
             delay = min(MAX_BACKOFF, delay * 2)
@@ -127,20 +159,30 @@ class Bridge:
         await self.process_own_pending()
         loop = asyncio.get_running_loop()
         next_claim = next_stats = loop.time()
-        while not stop.is_set():
-            now = loop.time()
-            if now >= next_claim:
-                await self.claim_abandoned()
-                next_claim = now + max(1.0, self.settings.claim_idle_ms / 2000)
-            if now >= next_stats:
-                await self.refresh_stats()
-                next_stats = now + 5.0
-            batch = await self.client.xreadgroup(
-                self.group, self.consumer, {self.stream: ">"},
-                count=self.settings.read_batch, block=self.settings.read_block_ms,
-            )  # fmt: skip
-            for _, entries in batch or []:
-                await self.handle_batch(entries, redelivered=False)
+        # Up to two batches in flight: the next one is read and started while the last one's slowest creates
+        # finish, so the creates in flight never drain to zero between batches. Its failure surfaces here.
+        inflight: list[asyncio.Task[None]] = []
+        try:
+            while not stop.is_set():
+                now = loop.time()
+                if now >= next_claim:
+                    while inflight:  # our own entries in flight are not abandoned: finish them first
+                        await inflight.pop(0)
+                    await self.claim_abandoned()
+                    next_claim = now + max(1.0, self.settings.claim_idle_ms / 2000)
+                if now >= next_stats:
+                    await self.refresh_stats()
+                    next_stats = now + 5.0
+                batch = await self.client.xreadgroup(
+                    self.group, self.consumer, {self.stream: ">"},
+                    count=self.settings.read_batch, block=self.settings.read_block_ms,
+                )  # fmt: skip
+                for _, entries in batch or []:
+                    inflight.append(asyncio.create_task(self.handle_batch(entries, redelivered=False)))
+                while inflight and (len(inflight) > 1 or inflight[0].done()):
+                    await inflight.pop(0)
+        finally:
+            await asyncio.gather(*inflight, return_exceptions=True)  # (cancelled with us, if we are)
 
     async def _wait_for_api(self, stop: asyncio.Event) -> None:
         """While the API server is unreachable, don't re-read pending entries (each read counts as a delivery)."""
@@ -170,11 +212,14 @@ class Bridge:
             batch = await self.client.xreadgroup(
                 self.group, self.consumer, {self.stream: start}, count=self.settings.read_batch
             )
-            entries = [e for _, es in batch or [] for e in es if e[1] is not None]
-            if not entries:
+            read = [e for _, es in batch or [] for e in es]
+            if not read:
                 return
-            await self.handle_batch(entries, redelivered=True)
-            start = entries[-1][0]
+            gone = [entry_id for entry_id, fields in read if fields is None]  # trimmed/deleted while pending
+            if gone:
+                await self.client.xack(self.stream, self.group, *gone)
+            await self.handle_batch([e for e in read if e[1] is not None], redelivered=True)
+            start = read[-1][0]
 
     async def claim_abandoned(self) -> None:
         """Take over entries idle longer than claim_idle_ms in dead consumers' pending lists."""
@@ -199,35 +244,71 @@ class Bridge:
 
     # --- entries
     async def handle_batch(self, entries: list[tuple[str, Fields]], *, redelivered: bool) -> None:
+        """Entries of one jobId in stream order (also after that jobId's entries of a batch still in flight),
+        different jobIds concurrently (at most `concurrency`). Raises the first failure, after all are done."""
         by_job: dict[str, list[tuple[str, Fields]]] = defaultdict(list)
         for entry_id, fields in entries:
             by_job[_job_id(fields) or entry_id].append((entry_id, fields))
-
-        async def in_order(items: list[tuple[str, Fields]]) -> None:
-            async with self._sem:
-                for entry_id, fields in items:
-                    await self.handle(entry_id, fields, redelivered=redelivered)
-
-        results = await asyncio.gather(*(in_order(items) for items in by_job.values()), return_exceptions=True)
+        tasks = []
+        for key, items in by_job.items():
+            task = asyncio.create_task(self._in_order(items, self._tails.get(key), redelivered=redelivered))
+            self._tails[key] = task
+            task.add_done_callback(functools.partial(self._forget_tail, key))
+            tasks.append(task)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result
 
+    def _forget_tail(self, key: str, task: asyncio.Task[None]) -> None:
+        if self._tails.get(key) is task:
+            del self._tails[key]
+
+    async def _in_order(
+        self, items: list[tuple[str, Fields]], after: asyncio.Task[None] | None, *, redelivered: bool
+    ) -> None:
+        if after is not None:
+            await asyncio.wait([after])  # outside the semaphore: waiting must not hold a slot; its failure is its own
+        async with self._sem:
+            for entry_id, fields in items:
+                await self.handle(entry_id, fields, redelivered=redelivered)
+
     async def handle(self, entry_id: str, fields: Fields, *, redelivered: bool = False) -> str | None:
         """Process one entry; returns its outcome, or None when it stays pending (transient trouble)."""
         if redelivered and (deliveries := await self._deliveries(entry_id)) > self.settings.max_deliveries:
-            return await self.dead_letter(entry_id, fields, f"delivered {deliveries} times without success")
+            last = self._last_error.pop(entry_id, None)
+            why = f"delivered {deliveries} times without success" + (f" (last error: {last})" if last else "")
+            return await self.dead_letter(entry_id, fields, why)
         try:
             entry = parse_entry(fields)
         except InvalidEntry as exc:
             return await self.dead_letter(entry_id, fields, exc.reason)
         try:
-            outcome = await self._apply(entry, entry_id)
+            outcome = await self._apply_with_retries(entry, entry_id)
         except InvalidEntry as exc:
             return await self.dead_letter(entry_id, fields, exc.reason)
         await self.client.xack(self.stream, self.group, entry_id)
+        self._last_error.pop(entry_id, None)
         self.stats.requests_total[outcome] += 1
         return outcome
+
+    async def _apply_with_retries(self, entry: Entry, entry_id: str) -> str:
+        """Transient trouble is retried here, so it does not count as a delivery; after TRANSIENT_RETRIES the
+        Transient goes up and the entry stays pending (the bridge pauses, then reads it again)."""
+        delay = RETRY_DELAY
+        for attempt in range(TRANSIENT_RETRIES + 1):
+            try:
+                return await self._apply(entry, entry_id)
+            except Transient as exc:
+                self._last_error[entry_id] = str(exc)
+                self.stats.transient_errors_total += 1
+                if attempt == TRANSIENT_RETRIES or self._stop.is_set():
+                    raise
+                log.info("%s; retrying in %.2fs", exc, delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                delay = min(MAX_BACKOFF, delay * 2)
+        raise AssertionError("unreachable")
 
     async def _apply(self, entry: Entry, entry_id: str) -> str:
         namespace = entry.request.namespace or self.settings.namespace
@@ -241,10 +322,10 @@ class Bridge:
             assert isinstance(entry.request, JobRequest)
             created = await k8s.create_gpujob(namespace, gpujob_body(entry.request, entry_id))
         except ApiException as exc:
-            if exc.status in PERMANENT_API_STATUSES:
+            if exc.status in PERMANENT_API_STATUSES and not _resource_missing(exc):
                 raise InvalidEntry(_api_reason(exc)) from None
             raise Transient(f"API server answered {exc.status} for {entry.job_id!r}") from None
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, aiohttp.ClientError) as exc:
             raise Transient(f"API server unreachable: {exc!r}") from None
         return Outcome.CREATED if created is k8s.Outcome.CREATED else Outcome.DUPLICATE
 
@@ -259,6 +340,7 @@ class Bridge:
         pipe.xadd(self.settings.dead_letter_stream, dead, maxlen=self.settings.events_maxlen, approximate=True)
         pipe.xack(self.stream, self.group, entry_id)
         await pipe.execute()
+        self._last_error.pop(entry_id, None)
         log.warning("request %s dead-lettered: %s", entry_id, reason)
         self.stats.dead_lettered_total[_reason_kind(reason)] += 1
         self.stats.requests_total[Outcome.DEAD_LETTERED] += 1
@@ -281,3 +363,13 @@ def _reason_kind(reason: str) -> str:
         if kind in reason:
             return kind.replace(" ", "_")
     return "other"
+
+
+async def run_bridge(settings: Settings, stop: asyncio.Event, stats: BridgeStats | None = None) -> None:
+    """The intake with its own Redis client, until `stop` is set; never raises (failures are logged)."""
+    client = async_client(settings)
+    try:
+        await Bridge(settings, client, stats=stats or BridgeStats()).run(stop)
+    finally:
+        with contextlib.suppress(Exception):
+            await client.aclose()

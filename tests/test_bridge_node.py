@@ -1,0 +1,61 @@
+"""The README's Node client (tests/node/client.mjs) against a real redis-server: a backend that connects late
+catches up from the latest state, then follows, without duplicates or gaps; and the README shows that code."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import redis
+
+from gpujob.bridge.events import SyncEventPublisher, make_event
+from gpujob.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+NODE_DIR = ROOT / "tests" / "node"
+README = ROOT / "operator" / "gpujob" / "bridge" / "README.md"
+
+
+def test_readme_shows_the_tested_node_client() -> None:
+    match = re.search(r"### Example: a Node backend[^\n]*\n\n```js\n(.*?)```", README.read_text(), re.S)
+    assert match, "the README's JS example"
+    tested = (NODE_DIR / "client.mjs").read_text().split("\n", 1)[1]  # without the header comment
+    assert match.group(1) == tested
+
+
+def test_late_node_backend_catches_up_then_follows(redis_url: str, redis_client: redis.Redis) -> None:
+    node = shutil.which("node")
+    assert node, "node is required for the backend contract test"
+    assert (NODE_DIR / "node_modules" / "redis").is_dir(), "run `make setup` (npm install in tests/node)"
+    publisher = SyncEventPublisher(redis_client, Settings(redis_url=redis_url))
+    for status, progress in (("queued", 0.0), ("scheduled", 0.0), ("running", 40.0)):
+        publisher.publish(make_event("late-js", status, progress, phase=status.capitalize(), attempt=1))
+    env = {**os.environ, "REDIS_URL": redis_url, "JOB_ID": "late-js", "TIMEOUT_MS": "30000"}
+    backend = subprocess.Popen([node, "catchup.test.mjs"], cwd=NODE_DIR, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        assert backend.stdout is not None
+        lines = []
+        for line in backend.stdout:
+            lines.append(line.strip())
+            if line.strip() == "READY":
+                break
+        [(_, fields)] = redis_client.xrange("gpujobs:requests")
+        assert json.loads(fields["job"])["jobId"] == "late-js", "the backend submitted after catching up"
+        publisher.publish(make_event("late-js", "running", 60.0, "Epoch 2/2", phase="Running", attempt=1))
+        publisher.publish(make_event("late-js", "succeeded", 100.0, phase="Succeeded", attempt=1))
+        rest, _ = backend.communicate(timeout=30)
+    finally:
+        backend.kill()
+    assert backend.returncode == 0, "\n".join(lines) + rest
+    events = [json.loads(line) for line in [*lines, *rest.splitlines()] if line.startswith("{")]
+    assert [(e["status"], e["progress"], e["seq"]) for e in events] == [
+        ("running", 40.0, 3),  # the catch-up: only the latest state, not the history
+        ("running", 60.0, 4),
+        ("succeeded", 100.0, 5),
+    ]
+    assert rest.strip().endswith("DONE")
