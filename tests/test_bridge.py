@@ -182,7 +182,7 @@ async def test_request_the_api_server_rejects_is_dead_lettered(
     emulator: Any, redis_url: str, redis_client: redis.Redis
 ) -> None:
     redis_client.xadd(STREAM, request("elsewhere", namespace="no-such-namespace"))
-    async with running_bridge(bridge_settings(redis_url)):
+    async with running_bridge(bridge_settings(redis_url, bridge_namespaces=["*"])):
         await eventually(lambda: redis_client.xlen(DEAD) == 1, what="the dead letter")
     [(_, dead)] = redis_client.xrange(DEAD)
     assert "rejected by the API server (404)" in dead["reason"]
@@ -243,3 +243,15 @@ def test_any_entry_parses_or_gives_a_readable_reason(job: str, action: str | Non
 def test_each_malformed_entry_is_invalid(fields: dict[str, str]) -> None:
     with pytest.raises(InvalidEntry):
         parse_entry(fields)
+
+
+async def test_stream_requests_stay_in_the_allowed_namespaces(
+    emulator: Any, redis_url: str, redis_client: redis.Redis, cluster: Cluster
+) -> None:
+    redis_client.xadd(STREAM, request("sneaky", namespace="kube-system"))
+    redis_client.xadd(STREAM, request("fine"))
+    async with running_bridge(bridge_settings(redis_url)):
+        await eventually(lambda: cluster.job("fine"), what="the request in the default namespace")
+        await eventually(lambda: redis_client.xlen(DEAD) == 1, what="the other namespace refused")
+    [(_, dead)] = redis_client.xrange(DEAD)
+    assert "namespace 'kube-system' not allowed" in dead["reason"]

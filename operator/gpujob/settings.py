@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     redis_url: SecretStr | None = Field(None, description="redis:// or rediss:// URL; unset = no bridge.")
     redis_ssl_ca_certs: str | None = Field(None, description="CA bundle for rediss:// (private CA).")
     bridge: bool = Field(True, description="Run the stream intake in the operator when Redis is configured.")
+    bridge_namespaces: list[str] = Field(
+        default_factory=list,
+        description='Namespaces a stream request may name: [] = only GPUJOB_NAMESPACE, ["*"] = any.',
+    )
     request_stream: str = "gpujobs:requests"
     dead_letter_stream: str = "gpujobs:requests:dead"
     consumer_group: str = "gpujob-operator"

@@ -310,8 +310,16 @@ class Bridge:
                 delay = min(MAX_BACKOFF, delay * 2)
         raise AssertionError("unreachable")
 
-    async def _apply(self, entry: Entry, entry_id: str) -> str:
+    def _namespace(self, entry: Entry) -> str:
+        """Where the request's GpuJob lives: a stream writer may only name the namespaces it was allowed."""
         namespace = entry.request.namespace or self.settings.namespace
+        allowed = self.settings.bridge_namespaces or [self.settings.namespace]
+        if namespace not in allowed and "*" not in allowed:
+            raise InvalidEntry(f"namespace {namespace!r} not allowed for stream requests (GPUJOB_BRIDGE_NAMESPACES)")
+        return namespace
+
+    async def _apply(self, entry: Entry, entry_id: str) -> str:
+        namespace = self._namespace(entry)
         name = job_name(entry.job_id)
         try:
             if entry.action is Action.CANCEL:
