@@ -77,6 +77,17 @@ class Store:
             self.by_uid[meta.get("uid", "")] = key
         return key
 
+    def holds_job(self, body: dict[str, Any]) -> bool:
+        """Whether this exact version of the job is filed already (the echo of our own status write)."""
+        meta = body.get("metadata") or {}
+        held = self.jobs.get((meta.get("namespace", ""), meta.get("name", "")))
+        return (
+            held is not None
+            and bool(meta.get("resourceVersion"))
+            and held["metadata"].get("uid") == meta.get("uid")
+            and held["metadata"].get("resourceVersion") == meta.get("resourceVersion")
+        )
+
     def drop_job(self, key: JobKey) -> None:
         job = self.jobs.pop(key, None)
         if job is not None:
@@ -105,6 +116,13 @@ class Store:
         if old is None or _newer(view.resource_version, old.resource_version):
             held[view.name] = view
         return uid
+
+    def holds_pod(self, pod: dict[str, Any]) -> bool:
+        """Whether this exact version of the Pod is filed already (our own create, or the start-up list)."""
+        uid = owner_uid(pod)
+        meta = pod.get("metadata") or {}
+        view = self.pods.get(uid, {}).get(meta.get("name", "")) if uid else None
+        return view is not None and bool(view.resource_version) and view.resource_version == meta.get("resourceVersion")
 
     def drop_pod(self, pod: dict[str, Any]) -> str | None:
         uid = owner_uid(pod)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -60,11 +61,13 @@ class Reconciler:
             return
         if held is not None:
             held.cancel()
-        self._timers[key] = loop.call_at(when, self._fire, key)
+        # A fresh context: the caller's (a kopf handler's) holds kopf's cause, i.e. the whole watched body,
+        # and a timer keeps its context alive until it fires (minutes for every pending job).
+        self._timers[key] = loop.call_at(when, self._fire, key, context=contextvars.Context())
 
     def _fire(self, key: JobKey) -> None:
         self._timers.pop(key, None)
-        task = asyncio.get_running_loop().create_task(self.trigger(key))
+        task = asyncio.get_running_loop().create_task(self.trigger(key), context=contextvars.Context())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -84,8 +84,10 @@ class Runtime:
         metrics.add_readiness_check("kubernetes", k8s.ping)
         self.http = await metrics.METRICS.start_http_server(self.settings.metrics_port)
         # Know every Pod before the first reconcile, so a Pod not yet seen is never taken for a deleted one.
-        for pod in await k8s.with_retries(lambda: k8s.list_pods(self.namespaces, POD_SELECTOR)):
-            self.store.put_pod(pod)
+        # Page by page (each page retried on its own), so 10,000 full Pod bodies are never held at once.
+        async for page in k8s.list_pods(self.namespaces, POD_SELECTOR):
+            for pod in page:
+                self.store.put_pod(pod)
         if self.settings.redis_url is not None:
             self.redis = async_client(self.settings)
             metrics.add_readiness_check("redis", self._redis_ping)
@@ -177,12 +179,18 @@ class Runtime:
             if self.mirror is not None:
                 self.mirror.forget(key)
             return
+        if self.store.holds_job(body):
+            # The echo of our own status write: that state has been decided on already (decide() is a fixed
+            # point, or the pass set a timer), so another pass would only cost CPU.
+            return
         if self.store.job(key) is None:
             self._resync_metrics(body)
         self.store.put_job(body)
         self.spawn_reconcile(key)
 
     def pod_event(self, event_type: str | None, body: dict[str, Any]) -> None:
+        if event_type != "DELETED" and self.store.holds_pod(body):
+            return  # our own create, or filed by the start-up list: nothing new for the job
         uid = self.store.drop_pod(body) if event_type == "DELETED" else self.store.put_pod(body)
         key = self.store.key_of_uid(uid) if uid else None
         if key is not None:
