@@ -203,11 +203,10 @@ class Bench:
             return len((await resp.json())["items"])
 
     async def delete_all_jobs(self) -> None:
+        """Only for the raw-rate jobs (no Pods). Not between bursts: with the emulator, a collection delete of
+        GpuJobs left their Pods behind, and after deleting those too the next burst saw ~10% of its Pods
+        vanish (extra attempts), with HEAD's operator as well: to be looked into, not hidden in a figure."""
         async with self.session.delete(f"{self.base}{GJ_PATH}") as resp:
-            await resp.read()
-        # The emulator's owner-reference GC leaves the Pods of a collection delete behind (seen here), so the
-        # Pods go explicitly; then wait for a full, empty list (a `limit=1` page could be empty too early).
-        async with self.session.delete(f"{self.base}{POD_WATCH.replace('watch=true&', '')}") as resp:
             await resp.read()
         while await self.count_pods():
             await asyncio.sleep(0.2)
@@ -245,8 +244,9 @@ async def main(args: argparse.Namespace) -> None:
                 # 2. Burst, `--repeat` times (this machine is noisy): median [min-max] of each measure.
                 rates, spans, p50s, p99s, per_job = [], [], [], [], []
                 for rep in range(args.repeat):
+                    # Earlier bursts' jobs stay (they count towards the 10,000): deleting them between bursts
+                    # showed extra attempts in the next burst, with HEAD's operator too (see delete_all_jobs).
                     if rep:
-                        await bench.delete_all_jobs()
                         await asyncio.sleep(2.0)
                     await bench.requests(reset=True)
                     run, t0, last = await bench.measured(f"burst{rep}-", args.burst, None)
@@ -300,7 +300,7 @@ async def main(args: argparse.Namespace) -> None:
                     )
                 )
                 # 4. Resync with many jobs present.
-                have = args.burst + n_steady
+                have = args.burst * args.repeat + n_steady
                 if args.resync > have:
                     await bench.create_many([f"fill-{i:05d}" for i in range(args.resync - have)], None)
                     while await bench.count_pods() < args.resync:
