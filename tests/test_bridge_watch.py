@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import select
 import subprocess
 import sys
 import time
@@ -87,9 +88,16 @@ def test_progress_bar_on_a_terminal(redis_url: str, redis_client: redis.Redis) -
     pub.publish(make_event("tty-1", "running", 25.0, "Epoch 1/4"))
     proc = watch(redis_url, "tty-1", "--timeout", "30", tty=True)
     subscribed(redis_client, "tty-1")
+    # The catch-up line must be on screen before the next event: otherwise the watcher may read the state after
+    # it, show only the end, and rightly stop there.
+    screen = b""
+    deadline = time.monotonic() + 30
+    while b"25.0%" not in screen:
+        assert time.monotonic() < deadline, f"no catch-up line: {screen!r}"
+        if select.select([proc.pty], [], [], 0.1)[0]:  # type: ignore[attr-defined]
+            screen += os.read(proc.pty, 4096)  # type: ignore[attr-defined]
     pub.publish(make_event("tty-1", "succeeded", 100.0, "done"))
     assert proc.wait(30) == 0
-    screen = b""
     while True:
         try:
             chunk = os.read(proc.pty, 4096)  # type: ignore[attr-defined]
