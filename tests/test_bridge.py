@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -16,49 +13,12 @@ from hypothesis import strategies as st
 from gpujob.api.constants import Annotation, Label
 from gpujob.api.naming import job_name
 from gpujob.api.request import InvalidEntry, parse_entry
-from gpujob.bridge.events import async_client
-from gpujob.bridge.intake import Bridge, gpujob_body
-from gpujob.operator import k8s
+from gpujob.bridge.intake import gpujob_body
 from gpujob.sandbox.procs import RedisServer
-from gpujob.settings import Settings
+from tests.support.bridge import bridge_settings, eventually, request, running_bridge
 from tests.support.operator import Cluster
 
 STREAM, GROUP, DEAD = "gpujobs:requests", "gpujob-operator", "gpujobs:requests:dead"
-
-
-def bridge_settings(redis_url: str, consumer: str = "bridge-a", **extra: Any) -> Settings:
-    return Settings(redis_url=redis_url, consumer_name=consumer, read_block_ms=50, claim_idle_ms=300, **extra)
-
-
-def request(job_id: str, **spec: Any) -> dict[str, str]:
-    return {"job": json.dumps({"jobId": job_id, "type": "train_lora", **spec})}
-
-
-async def eventually(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
-    """Poll without blocking the event loop the bridge runs on."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        await asyncio.sleep(0.05)
-
-
-@contextlib.asynccontextmanager
-async def running_bridge(settings: Settings) -> AsyncIterator[Bridge]:
-    client = async_client(settings)
-    bridge = Bridge(settings, client)
-    stop = asyncio.Event()
-    task = asyncio.create_task(bridge.run(stop))
-    try:
-        yield bridge
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
-        await client.aclose()
-        await k8s.close()
 
 
 def pending(r: redis.Redis) -> int:

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,52 +28,17 @@ from hypothesis import strategies as st
 from gpujob.api.constants import GROUP, PLURAL, VERSION, Annotation
 from gpujob.api.naming import job_name
 from gpujob.api.request import Action, Entry
-from gpujob.bridge.events import async_client
 from gpujob.bridge.intake import Bridge
-from gpujob.operator import k8s
 from gpujob.sandbox import EmulatorThread
 from gpujob.sandbox.faults import RequestKey
 from gpujob.sandbox.procs import RedisServer, free_port
-from gpujob.settings import Settings
+from tests.support.bridge import bridge_settings, eventually, request, running_bridge
 from tests.support.operator import Cluster
 
 STREAM, CGROUP, DEAD = "gpujobs:requests", "gpujob-operator", "gpujobs:requests:dead"
 CREATE_GPUJOB = RequestKey("create", GROUP, PLURAL, "", True)
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CRD = Path(__file__).resolve().parent.parent / "crds" / "gpujob.yaml"
-
-
-def bridge_settings(redis_url: str, consumer: str = "bridge-a", **extra: Any) -> Settings:
-    return Settings(redis_url=redis_url, consumer_name=consumer, read_block_ms=50, claim_idle_ms=300, **extra)
-
-
-def request(job_id: str, **spec: Any) -> dict[str, str]:
-    return {"job": json.dumps({"jobId": job_id, "type": "train_lora", **spec})}
-
-
-async def eventually(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "") -> Any:
-    """Poll without blocking the event loop the bridge runs on."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not (value := predicate()):
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        await asyncio.sleep(0.05)
-    return value
-
-
-@contextlib.asynccontextmanager
-async def running_bridge(settings: Settings, kind: type[Bridge] = Bridge) -> AsyncIterator[Bridge]:
-    client = async_client(settings)
-    bridge = kind(settings, client)
-    stop = asyncio.Event()
-    task = asyncio.create_task(bridge.run(stop))
-    try:
-        yield bridge
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
-        await client.aclose()
-        await k8s.close()
 
 
 def pending(r: redis.Redis) -> int:

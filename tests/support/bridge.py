@@ -1,0 +1,49 @@
+"""Helpers for tests that run the stream intake in the test's own event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from gpujob.bridge.events import async_client
+from gpujob.bridge.intake import Bridge
+from gpujob.operator import k8s
+from gpujob.settings import Settings
+
+
+def bridge_settings(redis_url: str, consumer: str = "bridge-a", **extra: Any) -> Settings:
+    return Settings(redis_url=redis_url, consumer_name=consumer, read_block_ms=50, claim_idle_ms=300, **extra)
+
+
+def request(job_id: str, **spec: Any) -> dict[str, str]:
+    """A stream entry submitting a train_lora job."""
+    return {"job": json.dumps({"jobId": job_id, "type": "train_lora", **spec})}
+
+
+async def eventually(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "") -> Any:
+    """Poll without blocking the event loop the bridge runs on."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not (value := predicate()):
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        await asyncio.sleep(0.05)
+    return value
+
+
+@contextlib.asynccontextmanager
+async def running_bridge(settings: Settings, kind: type[Bridge] = Bridge) -> AsyncIterator[Bridge]:
+    """A bridge running as a task until the block ends; then stopped, its clients closed."""
+    client = async_client(settings)
+    bridge = kind(settings, client)
+    stop = asyncio.Event()
+    task = asyncio.create_task(bridge.run(stop))
+    try:
+        yield bridge
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+        await client.aclose()
+        await k8s.close()
