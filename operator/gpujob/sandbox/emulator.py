@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
@@ -15,6 +13,7 @@ from aiohttp import web
 from gpujob.sandbox.faults import Faults, RequestKey, RequestLog
 from gpujob.sandbox.handler import SandboxHandler
 from gpujob.sandbox.kubeconfig import write_kubeconfig
+from gpujob.sandbox.loopthread import LoopThread
 from gpujob.sandbox.objects import CRD_KEY, NAMESPACE_KEY, ObjectApi
 from gpujob.sandbox.resources import Registry
 from gpujob.sandbox.store import Store
@@ -113,62 +112,16 @@ class Emulator:
         return [ns["metadata"]["name"] for ns in self.store.items(NAMESPACE_KEY)]
 
 
-class EmulatorThread:
+class EmulatorThread(LoopThread):
     """The emulator on its own thread and event loop, for synchronous code: pytest fixtures, benchmarks."""
 
     def __init__(self, crd_dirs: Iterable[str | Path] = (), **kwargs: Any) -> None:
         self.emulator = Emulator(crd_dirs, **kwargs)
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._started = threading.Event()
-        self._stop: asyncio.Event | None = None
-        self._error: BaseException | None = None
+        super().__init__(self.emulator, "gpujob-sandbox-emulator")
 
     @property
     def url(self) -> str:
         return self.emulator.url
-
-    def __enter__(self) -> Self:
-        self._thread = threading.Thread(target=self._run, name="gpujob-sandbox-emulator", daemon=True)
-        self._thread.start()
-        if not self._started.wait(timeout=30):
-            raise TimeoutError("the emulator did not start within 30 s")
-        if self._error is not None:
-            raise RuntimeError("the emulator failed to start") from self._error
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self.loop is not None and self._stop is not None and self.loop.is_running():
-            self.loop.call_soon_threadsafe(self._stop.set)
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        try:
-            self.loop.run_until_complete(self._main())
-        except BaseException as exc:
-            self._error = exc
-        finally:
-            self._started.set()
-            self.loop.close()
-
-    async def _main(self) -> None:
-        self._stop = asyncio.Event()
-        async with self.emulator:
-            self._started.set()
-            await self._stop.wait()
-
-    def call(self, func: Any, *args: Any) -> Any:
-        """Run a function on the emulator's loop (its state is not thread-safe) and return its result."""
-        assert self.loop is not None
-
-        async def call() -> Any:
-            return func(*args)
-
-        return asyncio.run_coroutine_threadsafe(call(), self.loop).result(timeout=30)
 
     def write_kubeconfig(self, path: str | Path, namespace: str = "default") -> Path:
         return self.emulator.write_kubeconfig(path, namespace)
