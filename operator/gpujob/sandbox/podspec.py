@@ -6,7 +6,7 @@ No I/O here: Secrets and ConfigMaps are looked up through a function the caller 
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -82,12 +82,103 @@ class Fit:
     message: str = ""
 
 
-def fits(pod: Json, node_labels: Mapping[str, str], free_gpus: int) -> Fit:
-    """Scheduling check against the one fake node, with the scheduler's message when the Pod can't go there."""
+# Taint effects that keep a Pod off a node (PreferNoSchedule is only a preference: the scheduler may still choose it).
+BLOCKING_EFFECTS = frozenset({"NoSchedule", "NoExecute"})
+
+
+def tolerates(toleration: Json, taint: Json) -> bool:
+    """Does this toleration tolerate this taint? (the API's rules: an empty effect matches every effect, an empty
+    key with Exists matches every taint, Equal (the default operator) needs the same value, Exists any value)"""
+    effect = toleration.get("effect") or ""
+    if effect and effect != taint.get("effect"):
+        return False
+    operator = toleration.get("operator") or "Equal"
+    key = toleration.get("key") or ""
+    if not key:
+        return operator == "Exists"
+    if key != taint.get("key"):
+        return False
+    if operator == "Exists":
+        return True
+    return operator == "Equal" and (toleration.get("value") or "") == (taint.get("value") or "")
+
+
+def untolerated_taint(pod: Json, taints: Iterable[Json]) -> Json | None:
+    """The first NoSchedule/NoExecute taint of the node that none of the Pod's tolerations tolerates, if any."""
+    tolerations = (pod.get("spec") or {}).get("tolerations") or []
+    for taint in taints:
+        if taint.get("effect") in BLOCKING_EFFECTS and not any(tolerates(t, taint) for t in tolerations):
+            return taint
+    return None
+
+
+def _matches_requirement(requirement: Json, value: str | None) -> bool:
+    operator, values = requirement.get("operator"), [str(v) for v in requirement.get("values") or []]
+    if operator == "In":
+        return value is not None and value in values
+    if operator == "NotIn":
+        return value is None or value not in values
+    if operator == "Exists":
+        return value is not None
+    if operator == "DoesNotExist":
+        return value is None
+    if operator in {"Gt", "Lt"}:
+        try:
+            have, bound = int(value or ""), int(values[0])
+        except (ValueError, IndexError):
+            return False
+        return have > bound if operator == "Gt" else have < bound
+    return False  # an unknown operator matches nothing (the API server rejects it anyway)
+
+
+def matches_node_selector_term(term: Json, node_labels: Mapping[str, str], node_name: str | None = None) -> bool:
+    """One nodeSelectorTerm: all its matchExpressions (on labels) and matchFields (metadata.name) hold.
+    A term with no requirements matches no node, as in Kubernetes."""
+    expressions = term.get("matchExpressions") or []
+    fields = term.get("matchFields") or []
+    if not expressions and not fields:
+        return False
+    if not all(_matches_requirement(r, node_labels.get(r.get("key", ""))) for r in expressions):
+        return False
+    node_fields = {"metadata.name": node_name}
+    return all(_matches_requirement(r, node_fields.get(r.get("key", ""))) for r in fields)
+
+
+def matches_node(pod: Json, node_labels: Mapping[str, str], node_name: str | None = None) -> bool:
+    """The Pod's nodeSelector and its required node affinity (terms ORed) both hold for this node."""
     spec = pod.get("spec") or {}
     selector = spec.get("nodeSelector") or {}
     if any(node_labels.get(k) != v for k, v in selector.items()):
+        return False
+    affinity = ((spec.get("affinity") or {}).get("nodeAffinity") or {}).get(
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    )
+    if affinity is None:
+        return True
+    terms = affinity.get("nodeSelectorTerms") or []
+    return any(matches_node_selector_term(term, node_labels, node_name) for term in terms)
+
+
+def fits(
+    pod: Json,
+    node_labels: Mapping[str, str],
+    free_gpus: int,
+    *,
+    taints: Iterable[Json] = (),
+    node_name: str | None = None,
+) -> Fit:
+    """Scheduling check against the one fake node, with the scheduler's message when the Pod can't go there:
+    nodeSelector and required node affinity, the node's NoSchedule/NoExecute taints against the Pod's
+    tolerations, then free GPUs."""
+    if not matches_node(pod, node_labels, node_name):
         return Fit(False, "0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector.")
+    taint = untolerated_taint(pod, taints)
+    if taint is not None:
+        return Fit(
+            False,
+            f"0/1 nodes are available: 1 node(s) had untolerated taint {{{taint.get('key', '')}: "
+            f"{taint.get('value', '')}}}.",
+        )
     wanted, resource = gpu_request(pod)
     if wanted > free_gpus:
         return Fit(False, f"0/1 nodes are available: 1 Insufficient {resource}.")
