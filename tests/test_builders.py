@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -10,6 +11,7 @@ from gpujob.api.constants import GPU_PRODUCT_LABEL, MANAGER, Label
 from gpujob.api.models import GpuJobSpec
 from gpujob.api.naming import job_name, label_value, pod_name
 from gpujob.operator.builders import JobRef, PodDefaults, build_pod
+from gpujob.sandbox.podspec import Fit, fits
 
 REF = JobRef(namespace="ml", name="lora-1", uid="0a1b2c3d-0000-4000-8000-000000000001")
 DEFAULTS = PodDefaults(
@@ -38,6 +40,50 @@ def test_gpu_limits_equal_requests_and_toleration_added() -> None:
     assert res["limits"] == {"memory": "16Gi", "nvidia.com/gpu": "2"}
     assert res["requests"] == {"nvidia.com/gpu": "2"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["spec"]["tolerations"]
+
+
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
+
+
+@pytest.mark.parametrize(
+    "user",
+    [
+        {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"},
+        {"key": "spot", "operator": "Exists"},
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoExecute"},  # the GPU key, another effect
+        {"key": "nvidia.com/gpu", "operator": "Equal", "value": "a100", "effect": "NoSchedule"},  # one value only
+    ],
+    ids=["other-key", "other-key-any-effect", "gpu-key-noexecute", "gpu-key-one-value"],
+)
+def test_gpu_toleration_is_kept_beside_user_tolerations_that_dont_cover_it(user: dict[str, object]) -> None:
+    assert build(gpus=1, tolerations=[user])["spec"]["tolerations"] == [user, GPU_TOLERATION]
+    assert build(gpus=0, tolerations=[user])["spec"]["tolerations"] == [user]
+
+
+@pytest.mark.parametrize(
+    "user",
+    [
+        {"key": "nvidia.com/gpu", "operator": "Exists"},
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        {"operator": "Exists"},  # tolerates every taint
+    ],
+)
+def test_no_second_gpu_toleration_when_a_user_one_covers_it(user: dict[str, object]) -> None:
+    assert build(gpus=2, tolerations=[user])["spec"]["tolerations"] == [user]
+
+
+def test_gpu_job_with_user_tolerations_fits_a_tainted_gpu_node() -> None:
+    """The built Pod against the sandbox's scheduling check, on a GPU node tainted as clusters do."""
+    taints = [GPU_TAINT, {"key": "dedicated", "value": "ml", "effect": "NoSchedule"}]
+    labels = {GPU_PRODUCT_LABEL: "NVIDIA-A100"}
+    user = [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}]
+    assert fits(build(gpus=1, tolerations=user), labels, 1, taints=taints).ok
+    assert fits(build(gpus=1), labels, 1, taints=[GPU_TAINT]).ok
+    refused = fits(build(gpus=1), labels, 1, taints=taints)
+    assert refused == Fit(False, "0/1 nodes are available: 1 node(s) had untolerated taint {dedicated: ml}.")
+    cpu_only = fits(build(gpus=0, tolerations=user), labels, 1, taints=taints)
+    assert cpu_only == Fit(False, "0/1 nodes are available: 1 node(s) had untolerated taint {nvidia.com/gpu: present}.")
 
 
 def test_cpu_only_job_has_no_gpu_limit_and_no_gpu_toleration() -> None:
@@ -76,9 +122,11 @@ def test_models_claim_and_subpath_from_spec() -> None:
 def test_identity_labels_owner_and_restart_policy() -> None:
     pod = build(attempt=3, jobId="req:42")
     meta = pod["metadata"]
-    assert meta["name"] == pod_name("lora-1", REF.uid, 3)
+    # Expected values written out (not computed with the code under test): <job>-<uid's first 5 hex>-<attempt>;
+    # a jobId that is no valid label value becomes a readable prefix plus the first 10 hex of its sha256.
+    assert meta["name"] == "lora-1-0a1b2-3"
     assert meta["labels"] == {
-        Label.JOB_ID: label_value("req:42"),
+        Label.JOB_ID: "req-42-" + hashlib.sha256(b"req:42").hexdigest()[:10],
         Label.JOB_NAME: "lora-1",
         Label.TYPE: "train_lora",
         Label.ATTEMPT: "3",

@@ -105,11 +105,23 @@ def _resources(spec: GpuJobSpec) -> dict[str, Any]:
     return out
 
 
+GPU_TOLERATION: dict[str, Any] = {"key": GPU_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}
+
+
+def _covers_gpu_taint(toleration: dict[str, Any]) -> bool:
+    """Does a user toleration already tolerate GPU_TOLERATION's taints (any value, NoSchedule)?"""
+    if toleration.get("operator") != "Exists" or toleration.get("effect") not in (None, "NoSchedule"):
+        return False
+    return toleration.get("key") in (None, GPU_TAINT_KEY)
+
+
 def _tolerations(spec: GpuJobSpec) -> list[dict[str, Any]]:
+    """The user's tolerations, plus the GPU toleration for GPU jobs unless one of them already covers it
+    (one for another key, or for the GPU key with another effect or only one value, does not)."""
     tolerations = [t.wire() for t in spec.tolerations]
-    if spec.gpus > 0 and not any(t.get("key") == GPU_TAINT_KEY for t in tolerations):
+    if spec.gpus > 0 and not any(_covers_gpu_taint(t) for t in tolerations):
         # The device plugin does not add it, and many clusters taint their GPU nodes.
-        tolerations.append({"key": GPU_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"})
+        tolerations.append(dict(GPU_TOLERATION))
     return tolerations
 
 
