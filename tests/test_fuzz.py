@@ -78,6 +78,9 @@ LEGAL = {
     Phase.SUSPENDED: {Phase.SCHEDULED, Phase.CANCELLED},
 }
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
+# Pod reasons of takeaways on the node side: never the job's failure.
+NODE_SIDE_REASONS = ["Evicted", "Preempting", "Preempted", "Shutdown", "NodeShutdown", "Terminated"]
+TAKEAWAYS = {"evict", "preempt", "kubectl-delete-graceful"}
 
 world_steps = st.lists(
     st.one_of(
@@ -85,7 +88,9 @@ world_steps = st.lists(
         st.tuples(st.just("run"), st.just(0)),
         st.tuples(st.just("exit"), st.sampled_from([0, 1, 2, 64, 137])),
         st.tuples(st.just("oom"), st.just(137)),
-        st.tuples(st.just("evict"), st.just(0)),
+        st.tuples(st.just("evict"), st.integers(0, len(NODE_SIDE_REASONS) - 1)),
+        st.tuples(st.just("preempt"), st.just(143)),  # DisruptionTarget, deleted, the worker SIGTERMed
+        st.tuples(st.just("kubectl-delete-graceful"), st.sampled_from([143, 137])),
         st.tuples(st.just("unschedulable"), st.just(0)),
         st.tuples(st.just("deadline"), st.just(0)),
         st.tuples(st.just("kubectl-delete"), st.just(0)),
@@ -112,7 +117,7 @@ def test_any_sequence_of_pod_states_gives_legal_phases(steps: list[tuple[str, in
     pods: dict[str, PodView] = {}
     now = T0
     phases: list[Phase | None] = [None]
-    attempts = 0
+    attempts = failures = 0
 
     def current() -> PodView | None:
         live = [p for p in pods.values() if p.attempt == body["status"].get("attempts")]
@@ -135,7 +140,11 @@ def test_any_sequence_of_pod_states_gives_legal_phases(steps: list[tuple[str, in
                 reason="OOMKilled" if action == "oom" else None,
             )
         elif action == "evict":
-            set_pod(phase="Failed", reason="Evicted")
+            set_pod(phase="Failed", reason=NODE_SIDE_REASONS[arg], exit_code=143)
+        elif action == "preempt":
+            set_pod(phase="Failed", deleting=True, disruption="PreemptionByScheduler", exit_code=arg)
+        elif action == "kubectl-delete-graceful":  # the kubelet reports Failed before the Pod goes
+            set_pod(phase="Failed", deleting=True, exit_code=arg)
         elif action == "unschedulable":
             set_pod(reason="Unschedulable")
         elif action == "deadline":
@@ -159,6 +168,9 @@ def test_any_sequence_of_pod_states_gives_legal_phases(steps: list[tuple[str, in
         assert d.status.attempts >= attempts
         attempts = d.status.attempts
         assert d.status.failures <= limit + 1 and d.status.failures <= d.status.attempts
+        if action in TAKEAWAYS:
+            assert d.status.failures == failures, f"{action} counted as the job's failure"
+        failures = d.status.failures
         for name in d.delete_pods:
             if name in pods:
                 pods[name] = PodView(**{**pods[name].__dict__, "deleting": True})

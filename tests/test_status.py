@@ -6,6 +6,8 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
+
 from gpujob.api.constants import ConditionType, Label, Phase, Reason
 from gpujob.api.models import GpuJobStatus
 from gpujob.operator.status import Decision, PodView, decide, iso, pod_view, set_condition, status_patch
@@ -146,6 +148,98 @@ def test_evicted_pod_starts_new_attempt_without_counting_a_failure() -> None:
     step(body, [])
     d = step(body, [pod(1, "Failed", reason="Evicted", message="node low on memory")])
     assert d.create_attempt == 2 and d.status.failures == 0 and d.status.phase is Phase.SCHEDULED
+
+
+NODE_SIDE_REASONS = ["Evicted", "Preempting", "Preempted", "Shutdown", "NodeShutdown", "Terminated"]
+
+
+@pytest.mark.parametrize("reason", NODE_SIDE_REASONS)
+def test_pod_taken_away_on_the_node_side_is_not_the_jobs_failure(reason: str) -> None:
+    """Even with no retries left and the worker's SIGTERM exit code: a new attempt at once, nothing counted."""
+    body = job({"retries": {"limit": 0, "backoffSeconds": 60}})
+    step(body, [])
+    step(body, [pod(1, "Running", node_name="gpu-1")])
+    taken = pod(1, "Failed", node_name="gpu-1", exit_code=143, reason=reason, message="taken away")
+    d = step(body, [taken], T0 + timedelta(seconds=5))
+    assert d.status.phase is Phase.SCHEDULED and d.create_attempt == 2, d.status
+    assert (d.status.failures, d.status.attempts) == (0, 2)
+    assert d.status.next_attempt_time is None and d.requeue_after is None
+    assert d.delete_pods == ["j-1"]
+    assert [(t.new, t.reason) for t in d.transitions] == [(Phase.SCHEDULED, Reason.EVICTED)]
+    assert f"attempt 1 {reason}: taken away" in d.transitions[0].message
+    assert not any(c.type == ConditionType.FAILED for c in d.status.conditions)
+
+
+def _failed_pod(status: dict[str, Any], *, deleting: bool = False, exit_code: int = 143) -> PodView:
+    """A Pod as the API server returns it after the kubelet killed its worker (SIGTERM: exit 143)."""
+    meta: dict[str, Any] = {"name": "j-1", "labels": {Label.ATTEMPT: "1"}, "creationTimestamp": iso(T0)}
+    if deleting:
+        meta["deletionTimestamp"] = iso(T0 + timedelta(seconds=90))
+    terminated = {"exitCode": exit_code, "reason": "Error", "message": '{"error": "stopped by SIGTERM"}'}
+    return pod_view(
+        {
+            "metadata": meta,
+            "spec": {"nodeName": "gpu-1"},
+            "status": {"phase": "Failed", "containerStatuses": [{"state": {"terminated": terminated}}], **status},
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "deleting"),
+    [
+        # Graceful node shutdown (kubelet): reason Terminated, and the DisruptionTarget condition.
+        (
+            {
+                "reason": "Terminated",
+                "message": "Pod was terminated in response to imminent node shutdown.",
+                "conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet"}],
+            },
+            False,
+        ),
+        # Node shutdown as older kubelets report it: the reason alone.
+        ({"reason": "Shutdown", "message": "Node is shutting, evicting pods"}, False),
+        # Scheduler preemption: the victim gets DisruptionTarget and is deleted; no status.reason at all.
+        (
+            {"conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}]},
+            True,
+        ),
+        # Taint-based eviction (NoExecute) of a node going away.
+        ({"conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "DeletionByTaintManager"}]}, True),
+        # `kubectl delete pod`: the kubelet reports the SIGTERMed container's Failed phase before the Pod goes.
+        ({}, True),
+    ],
+    ids=["node-shutdown", "shutdown-reason", "scheduler-preemption", "taint-eviction", "kubectl-delete"],
+)
+def test_real_pod_shapes_of_outside_takeaways_are_not_the_jobs_failure(status: dict[str, Any], deleting: bool) -> None:
+    body = job({"retries": {"limit": 0}})
+    step(body, [])
+    step(body, [pod(1, "Running", node_name="gpu-1")])
+    d = step(body, [_failed_pod(status, deleting=deleting)])
+    assert d.status.phase is Phase.SCHEDULED and d.create_attempt == 2, d.status
+    assert d.status.failures == 0
+    assert d.delete_pods == ([] if deleting else ["j-1"])  # a Pod already being deleted is not deleted again
+
+
+@pytest.mark.parametrize(
+    ("status", "deleting", "exit_code", "reason"),
+    [
+        ({}, False, 143, Reason.ERROR),  # SIGTERM from inside the Pod, not a deletion: the job's own failure
+        ({}, True, 1, Reason.ERROR),  # it failed by itself, and was deleted afterwards
+        ({"conditions": [{"type": "DisruptionTarget", "status": "False"}]}, False, 1, Reason.ERROR),
+        ({"reason": "DeadlineExceeded", "message": "too long"}, True, 137, Reason.DEADLINE_EXCEEDED),
+    ],
+    ids=["sigterm-no-deletion", "failed-then-deleted", "disruption-false", "deadline"],
+)
+def test_failures_of_the_job_itself_still_count(
+    status: dict[str, Any], deleting: bool, exit_code: int, reason: Reason
+) -> None:
+    body = job({"retries": {"limit": 0}})
+    step(body, [])
+    step(body, [pod(1, "Running", node_name="gpu-1")])
+    d = step(body, [_failed_pod(status, deleting=deleting, exit_code=exit_code)])
+    assert d.status.phase is Phase.FAILED and d.status.failures == 1 and d.create_attempt is None
+    assert d.status.reason == reason
 
 
 def test_pod_being_deleted_is_awaited_before_the_next_attempt() -> None:

@@ -22,6 +22,12 @@ MESSAGE_LIMIT = 1024  # condition/status messages are truncated, as the Kubernet
 # Pod/container reasons that mean "not this job's fault": the Pod was taken away from outside.
 ALIVE_POD_PHASES = frozenset({"Pending", "Running", "Unknown"})  # a process may still be running
 EXTERNAL_POD_REASONS = frozenset({"Evicted", "Preempting", "Preempted", "Shutdown", "NodeShutdown", "Terminated"})
+# The control plane marks a Pod it takes away (scheduler preemption, taint eviction, the Eviction API, Pod GC,
+# the kubelet's node-pressure eviction and node shutdown) with this condition; its status.reason may be unset.
+DISRUPTION_CONDITION = "DisruptionTarget"
+# A container stopped by its Pod's deletion ends on SIGTERM (the worker saves a checkpoint and exits 143) or on
+# the SIGKILL after the grace period (137); a Pod deleted before its container ran has no exit code.
+KILLED_BY_DELETION = frozenset({None, 128 + 15, 128 + 9})
 WAITING_REASONS = {
     "ImagePullBackOff": Reason.IMAGE_PULL_BACKOFF,
     "ErrImagePull": Reason.ERR_IMAGE_PULL,
@@ -62,6 +68,7 @@ class PodView:
     message: str | None = None
     result: str | None = None  # the worker's termination message (JSON)
     resource_version: str | None = None
+    disruption: str | None = None  # reason of a DisruptionTarget=True condition: taken away from outside
 
     @property
     def active(self) -> bool:
@@ -106,6 +113,14 @@ def pod_view(pod: dict[str, Any]) -> PodView:
         message=message,
         result=result,
         resource_version=meta.get("resourceVersion"),
+        disruption=next(
+            (
+                c.get("reason") or DISRUPTION_CONDITION
+                for c in status.get("conditions") or []
+                if c.get("type") == DISRUPTION_CONDITION and c.get("status") == "True"
+            ),
+            None,
+        ),
     )
 
 
@@ -252,6 +267,20 @@ def _attempt_failed(b: _Builder, d: Decision, spec: GpuJobSpec, pod: PodView, re
         d.requeue_after = (due - b.now).total_seconds()
 
 
+def _taken_away(pod: PodView) -> str | None:
+    """Why a Failed Pod ended from outside (not the job's failure: the next attempt starts at once, uncounted),
+    or None when the job failed by itself."""
+    if pod.reason in EXTERNAL_POD_REASONS:
+        return pod.reason
+    if pod.disruption:
+        return pod.disruption
+    if pod.reason in {Reason.OOM_KILLED, Reason.DEADLINE_EXCEEDED}:
+        return None
+    if pod.deleting and pod.exit_code in KILLED_BY_DELETION:
+        return "deleted"  # kubectl delete pod: the kubelet reports the killed container's Failed phase first
+    return None
+
+
 def _failure_reason(pod: PodView) -> tuple[str, str]:
     if pod.reason == Reason.DEADLINE_EXCEEDED:
         return Reason.DEADLINE_EXCEEDED, pod.message or "attempt exceeded timeoutSeconds"
@@ -383,9 +412,11 @@ def _observe_pod(b: _Builder, d: Decision, spec: GpuJobSpec, pod: PodView, now: 
         _finish(b, Phase.SUCCEEDED, Reason.SUCCEEDED, f"attempt {pod.attempt} succeeded")
         _ttl(spec, b.status, now, d)
     elif pod.phase == "Failed":
-        if pod.reason in EXTERNAL_POD_REASONS:
-            d.delete_pods.append(pod.name)
-            _start_attempt(b, d, Reason.EVICTED, f"attempt {pod.attempt} {pod.reason}: {pod.message or ''}", pods)
+        if (taken := _taken_away(pod)) is not None:
+            if not pod.deleting:
+                d.delete_pods.append(pod.name)
+            restart = Reason.POD_DELETED if taken == "deleted" else Reason.EVICTED
+            _start_attempt(b, d, restart, f"attempt {pod.attempt} {taken}: {pod.message or ''}".rstrip(": "), pods)
             return
         failure, message = _failure_reason(pod)
         _attempt_failed(b, d, spec, pod, failure, message)
