@@ -6,11 +6,13 @@
   consumer) still makes one GpuJob.
 - On start the bridge first re-processes its own pending entries, and it periodically claims entries left idle
   by dead consumers (XAUTOCLAIM).
-- Entries that can never work (malformed, invalid, rejected by the API server as invalid/forbidden, delivered
-  too many times) go to `gpujobs:requests:dead` with the original fields and a readable reason, then are acked.
-- Transient failures (API 5xx/429/unreachable) are retried in place with back-off (a few times, so a flaky
-  API server loses nothing and does not use up deliveries); then the entry stays pending and the bridge backs
-  off before reading again. Only real re-deliveries count against max_deliveries.
+- Entries that can never work (malformed, invalid, rejected by the API server for good) go to
+  `gpujobs:requests:dead` with the original fields and a readable reason, then are acked.
+- A valid request is never dead-lettered for how often it was delivered: restarts, claims and transient API
+  failures (5xx, 429, unreachable, CRD missing) are not its fault. Transient failures are retried in place with
+  back-off, then the entry stays pending and the bridge backs off before reading it again, until its GpuJob
+  exists or the API rejects it for good. Only an entry whose own handling raises (a bug it triggers) counts
+  towards max_deliveries; those failures are counted in Redis (`<stream>:failures`), so restarts don't reset them.
 - Entries of one jobId are handled in stream order (submit then cancel), also across the two batches that may be
   in flight at once; different jobIds concurrently (at most `concurrency` creates in flight).
 - Redis going away is logged and retried with capped back-off; it never stops the operator.
@@ -44,7 +46,10 @@ MAX_BACKOFF = 30.0
 TRANSIENT_RETRIES = 4  # in place, with back-off from RETRY_DELAY: ~4 s before the entry is left pending
 RETRY_DELAY = 0.25
 HEALTHY_AFTER = 10.0  # seconds a serving period must last for the reconnect back-off to start over
-PERMANENT_API_STATUSES = frozenset({400, 403, 404, 422})
+# The API's answers that are the cluster's state, not the request's fault (404 only for the resource itself):
+# retried for as long as they last. Any other 4xx rejects the request for good.
+TRANSIENT_API_STATUSES = frozenset({401, 408, 409, 429})
+FAILURES_TTL_SECONDS = 7 * 24 * 3600  # a failure count outlives no entry by long (entries deleted by hand)
 Fields = dict[str, str]
 
 
@@ -85,6 +90,10 @@ def gpujob_body(request: JobRequest, entry_id: str) -> dict[str, Any]:
     }
 
 
+def _transient_api_error(exc: ApiException) -> bool:
+    return exc.status >= 500 or exc.status in TRANSIENT_API_STATUSES or _resource_missing(exc)
+
+
 def _resource_missing(exc: ApiException) -> bool:
     """A 404 for the GpuJob resource itself (CRD not installed yet, or being upgraded), not for the request's
     namespace: that is the cluster's state, not the request's fault, so it is retried, never dead-lettered."""
@@ -112,7 +121,6 @@ class Bridge:
     stats: BridgeStats = field(default_factory=BridgeStats)
     _sem: asyncio.Semaphore = field(init=False)
     _stop: asyncio.Event = field(init=False, default_factory=asyncio.Event)
-    _last_error: dict[str, str] = field(init=False, default_factory=dict)  # entry id -> why it is still pending
     _tails: dict[str, asyncio.Task[None]] = field(init=False, default_factory=dict)  # jobId -> its latest work
 
     def __post_init__(self) -> None:
@@ -129,6 +137,11 @@ class Bridge:
     @property
     def consumer(self) -> str:
         return self.settings.consumer_name
+
+    @property
+    def failures_key(self) -> str:
+        """Hash: entry id -> failures of that entry's own handling (see `handle`)."""
+        return f"{self.stream}:failures"
 
     # --- the loop
     async def run(self, stop: asyncio.Event) -> None:
@@ -218,6 +231,7 @@ class Bridge:
             gone = [entry_id for entry_id, fields in read if fields is None]  # trimmed/deleted while pending
             if gone:
                 await self.client.xack(self.stream, self.group, *gone)
+                await self.client.hdel(self.failures_key, *gone)
             await self.handle_batch([e for e in read if e[1] is not None], redelivered=True)
             start = read[-1][0]
 
@@ -273,34 +287,50 @@ class Bridge:
             for entry_id, fields in items:
                 await self.handle(entry_id, fields, redelivered=redelivered)
 
-    async def handle(self, entry_id: str, fields: Fields, *, redelivered: bool = False) -> str | None:
-        """Process one entry; returns its outcome, or None when it stays pending (transient trouble)."""
-        if redelivered and (deliveries := await self._deliveries(entry_id)) > self.settings.max_deliveries:
-            last = self._last_error.pop(entry_id, None)
-            why = f"delivered {deliveries} times without success" + (f" (last error: {last})" if last else "")
-            return await self.dead_letter(entry_id, fields, why)
+    async def handle(self, entry_id: str, fields: Fields, *, redelivered: bool = False) -> str:
+        """Process one entry; returns its outcome. Raises when it stays pending: Transient (API trouble, retried
+        later, never counted against the entry), Redis errors, or the entry's own failure (counted)."""
         try:
             entry = parse_entry(fields)
-        except InvalidEntry as exc:
-            return await self.dead_letter(entry_id, fields, exc.reason)
-        try:
             outcome = await self._apply_with_retries(entry, entry_id)
         except InvalidEntry as exc:
             return await self.dead_letter(entry_id, fields, exc.reason)
-        await self.client.xack(self.stream, self.group, entry_id)
-        self._last_error.pop(entry_id, None)
+        except (Transient, RedisError, OSError):
+            raise  # not this entry's fault: it stays pending, however often it is delivered
+        except Exception as exc:  # raised by this entry's own handling (a bug it triggers): poison if it lasts
+            if await self._count_failure(entry_id) >= self.settings.max_deliveries:
+                why = f"handling failed {self.settings.max_deliveries} times (last error: {exc!r})"
+                return await self.dead_letter(entry_id, fields, why)
+            raise
+        await self._ack(entry_id, redelivered=redelivered)
         self.stats.requests_total[outcome] += 1
         return outcome
 
+    async def _ack(self, entry_id: str, *, redelivered: bool) -> None:
+        if not redelivered:  # read for the first time: it has no failures on record
+            await self.client.xack(self.stream, self.group, entry_id)
+            return
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xack(self.stream, self.group, entry_id)
+        pipe.hdel(self.failures_key, entry_id)
+        await pipe.execute()
+
+    async def _count_failure(self, entry_id: str) -> int:
+        """One more failure of the entry's own handling, kept in Redis: restarts and claims don't reset it."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hincrby(self.failures_key, entry_id, 1)
+        pipe.expire(self.failures_key, FAILURES_TTL_SECONDS)
+        count, _ = await pipe.execute()
+        return int(count)
+
     async def _apply_with_retries(self, entry: Entry, entry_id: str) -> str:
-        """Transient trouble is retried here, so it does not count as a delivery; after TRANSIENT_RETRIES the
-        Transient goes up and the entry stays pending (the bridge pauses, then reads it again)."""
+        """Transient trouble is retried here first (cheaper than a re-read); after TRANSIENT_RETRIES the Transient
+        goes up and the entry stays pending (the bridge pauses, backing off, then reads it again)."""
         delay = RETRY_DELAY
         for attempt in range(TRANSIENT_RETRIES + 1):
             try:
                 return await self._apply(entry, entry_id)
             except Transient as exc:
-                self._last_error[entry_id] = str(exc)
                 self.stats.transient_errors_total += 1
                 if attempt == TRANSIENT_RETRIES or self._stop.is_set():
                     raise
@@ -330,16 +360,12 @@ class Bridge:
             assert isinstance(entry.request, JobRequest)
             created = await k8s.create_gpujob(namespace, gpujob_body(entry.request, entry_id))
         except ApiException as exc:
-            if exc.status in PERMANENT_API_STATUSES and not _resource_missing(exc):
+            if not _transient_api_error(exc):
                 raise InvalidEntry(_api_reason(exc)) from None
             raise Transient(f"API server answered {exc.status} for {entry.job_id!r}") from None
         except (OSError, TimeoutError, aiohttp.ClientError) as exc:
             raise Transient(f"API server unreachable: {exc!r}") from None
         return Outcome.CREATED if created is k8s.Outcome.CREATED else Outcome.DUPLICATE
-
-    async def _deliveries(self, entry_id: str) -> int:
-        rows = await self.client.xpending_range(self.stream, self.group, min=entry_id, max=entry_id, count=1)
-        return int(rows[0]["times_delivered"]) if rows else 1
 
     async def dead_letter(self, entry_id: str, fields: Fields, reason: str) -> str:
         dead = {**{str(k): v for k, v in fields.items()}, "reason": reason, "sourceId": entry_id,
@@ -347,8 +373,8 @@ class Bridge:
         pipe = self.client.pipeline(transaction=True)
         pipe.xadd(self.settings.dead_letter_stream, dead, maxlen=self.settings.events_maxlen, approximate=True)
         pipe.xack(self.stream, self.group, entry_id)
+        pipe.hdel(self.failures_key, entry_id)
         await pipe.execute()
-        self._last_error.pop(entry_id, None)
         log.warning("request %s dead-lettered: %s", entry_id, reason)
         self.stats.dead_lettered_total[_reason_kind(reason)] += 1
         self.stats.requests_total[Outcome.DEAD_LETTERED] += 1
@@ -366,7 +392,7 @@ def _job_id(fields: Fields) -> str | None:
 
 def _reason_kind(reason: str) -> str:
     """A bounded label for metrics: the reason's first words, not its details."""
-    for kind in ("invalid request", "rejected by the API server", "delivered", "missing field", "not JSON",
+    for kind in ("handling failed", "invalid request", "rejected by the API server", "missing field", "not JSON",
                  "unknown action", "cancel", "must be a JSON object"):  # fmt: skip
         if kind in reason:
             return kind.replace(" ", "_")
