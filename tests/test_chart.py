@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import tarfile
@@ -19,12 +20,14 @@ from tests.support.chart import (
     NAMESPACE,
     RELEASE,
     ROOT,
+    Account,
     allowed,
     binary,
     env_of,
     grants,
     helm,
     of_kind,
+    operator_account,
     operator_container,
     render,
     run,
@@ -308,7 +311,44 @@ def test_rbac_allows_what_the_operator_calls(variant: Path | None) -> None:
         for ns in namespaces:
             assert allowed(granted, "kopf.dev", "kopfpeerings", "watch", ns)
             assert allowed(granted, "kopf.dev", "kopfpeerings", "patch", ns, peering)
-        assert not allowed(granted, "", "pods", "create", "kube-system")
+            assert not allowed(granted, "kopf.dev", "kopfpeerings", "patch", ns, "someone-elses")
+        # Nothing outside the watched namespaces, and nothing cluster-wide.
+        for verb in ("list", "watch", "create", "patch", "delete"):
+            assert not allowed(granted, "gpujob.dev", "gpujobs", verb, "kube-system"), verb
+            assert not allowed(granted, "gpujob.dev", "gpujobs", verb, None), verb
+        for verb in ("list", "watch", "create", "delete"):
+            assert not allowed(granted, "", "pods", verb, "kube-system"), verb
+            assert not allowed(granted, "", "pods", verb, None), verb
+        assert not allowed(granted, "apiextensions.k8s.io", "customresourcedefinitions", "watch", None)
+        assert not allowed(granted, "kopf.dev", "clusterkopfpeerings", "watch", None)
+        assert not allowed(granted, "kopf.dev", "clusterkopfpeerings", "patch", None, peering)
+        assert not allowed(granted, "kopf.dev", "kopfpeerings", "patch", "kube-system", peering)
+
+
+def test_rbac_grants_nothing_to_other_service_accounts(variant: Path | None) -> None:
+    """The bindings name the operator's ServiceAccount and only it: not the worker's, not `default`."""
+    docs = render(variant)
+    operator = operator_account(docs)
+    assert operator == Account(NAMESPACE, f"{RELEASE}-gpujob-operator")
+    assert grants(docs, operator)
+    others = [Account(NAMESPACE, "default"), Account("ml-jobs", "default"), Account("other", operator.name)]
+    others += [Account(a["metadata"]["namespace"], a["metadata"]["name"]) for a in of_kind(docs, "ServiceAccount")]
+    for account in others:
+        if account != operator:
+            assert grants(docs, account) == set(), account
+
+
+def test_grants_counts_only_bindings_whose_subjects_name_the_operator() -> None:
+    """The helper itself: a binding to another ServiceAccount (or to none) grants the operator nothing."""
+    for variant in (None, ci("namespaced")):
+        docs = copy.deepcopy(render(variant))
+        assert grants(docs)
+        for binding in of_kind(docs, "RoleBinding", "ClusterRoleBinding"):
+            binding["subjects"] = [{"kind": "ServiceAccount", "name": "default", "namespace": NAMESPACE}]
+        assert grants(docs) == set()
+        for binding in of_kind(docs, "RoleBinding", "ClusterRoleBinding"):
+            del binding["subjects"]
+        assert grants(docs) == set()
 
 
 def test_cluster_mode_renders_cluster_roles_and_all_namespaces() -> None:
@@ -333,6 +373,15 @@ def test_namespaced_mode_renders_roles_not_cluster_roles() -> None:
     assert sorted(r["metadata"]["namespace"] for r in of_kind(docs, "Role")) == sorted(watched)
     assert sorted(b["metadata"]["namespace"] for b in of_kind(docs, "RoleBinding")) == sorted(watched)
     assert sorted(p["metadata"]["namespace"] for p in of_kind(docs, "KopfPeering")) == sorted(watched)
+    operator_sa = f"{RELEASE}-gpujob-operator"
+    assert the(docs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == operator_sa
+    for binding in of_kind(docs, "RoleBinding"):
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": operator_sa, "namespace": NAMESPACE}]
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": f"{RELEASE}-gpujob-operator",
+        }
     container = operator_container(docs)
     expected_args = ["operator"]
     for ns in watched:

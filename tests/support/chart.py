@@ -127,18 +127,52 @@ class Grant:
     name: str | None = None  # resourceNames restriction (None = any name)
 
 
-def grants(docs: Iterable[dict[str, Any]]) -> set[Grant]:
-    """Every grant of the rendered Roles/ClusterRoles that are bound to the operator's ServiceAccount."""
+@dataclass(frozen=True)
+class Account:
+    """A ServiceAccount, as RBAC subjects name it."""
+
+    namespace: str
+    name: str
+
+
+def operator_account(docs: Iterable[dict[str, Any]]) -> Account:
+    """The ServiceAccount the operator's Pods run as: the Deployment's, in the Deployment's namespace."""
+    deployment = the(docs, "Deployment")
+    name = deployment["spec"]["template"]["spec"].get("serviceAccountName") or "default"
+    return Account(deployment["metadata"].get("namespace") or NAMESPACE, name)
+
+
+def binds(subject: dict[str, Any], account: Account) -> bool:
+    """Does this RBAC subject cover the ServiceAccount? (the authorizer's rules: the account by name, its
+    username, or the groups every ServiceAccount / every one of its namespace belongs to)"""
+    kind, name = subject.get("kind"), subject.get("name")
+    if kind == "ServiceAccount":
+        return (subject.get("namespace"), name) == (account.namespace, account.name)
+    if kind == "User":
+        return name == f"system:serviceaccount:{account.namespace}:{account.name}"
+    if kind == "Group":
+        return name in {"system:serviceaccounts", f"system:serviceaccounts:{account.namespace}", "system:authenticated"}
+    return False
+
+
+def grants(docs: Iterable[dict[str, Any]], account: Account | None = None) -> set[Grant]:
+    """Every grant of the rendered Roles/ClusterRoles bound to `account` (default: the operator's
+    ServiceAccount, from the Deployment). A binding whose subjects don't name it grants it nothing."""
     docs = list(docs)
+    account = account or operator_account(docs)
     roles = {
         (d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]): d
         for d in of_kind(docs, "Role", "ClusterRole")
     }
     result: set[Grant] = set()
     for binding in of_kind(docs, "RoleBinding", "ClusterRoleBinding"):
+        if not any(binds(subject, account) for subject in binding.get("subjects") or []):
+            continue
         ref = binding["roleRef"]
         bind_ns = binding["metadata"].get("namespace")
-        role = roles[(ref["kind"], bind_ns if ref["kind"] == "Role" else None, ref["name"])]
+        role = roles.get((ref["kind"], bind_ns if ref["kind"] == "Role" else None, ref["name"]))
+        if role is None:
+            continue  # the API server accepts a binding to a missing role; it grants nothing
         for rule in role.get("rules", []):
             for group in rule["apiGroups"]:
                 for resource in rule["resources"]:
