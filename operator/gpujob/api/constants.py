@@ -112,6 +112,8 @@ class Reason(StrEnum):
     CANCELLED = "Cancelled"
     INVALID_SPEC = "InvalidSpec"
     NOT_SUSPENDED = "NotSuspended"
+    OUT_OF_MEMORY = "OutOfMemory"  # the worker ran out of GPU memory (exit code ExitCode.OUT_OF_MEMORY)
+    GPU_UNAVAILABLE = "GpuUnavailable"  # GPUs were requested but CUDA is not usable in the Pod
 
 
 class ExitCode:
@@ -121,7 +123,11 @@ class ExitCode:
     TRANSIENT: Final = 75  # EX_TEMPFAIL: retry may help (S3/Redis down, preempted)
     BAD_INPUT: Final = 64  # EX_USAGE: the job's params can never work: do not retry
     TASK_FAILED: Final = 70  # EX_SOFTWARE: the task raised; retried within the limit
-    INTERRUPTED: Final = 143  # SIGTERM: checkpoint saved, resume on the next attempt
+    GPU_UNAVAILABLE: Final = 69  # EX_UNAVAILABLE: GPUs requested, CUDA unusable (driver, runtime class)
+    OUT_OF_MEMORY: Final = 71  # EX_OSERR: CUDA out of memory even at micro-batch 1
+    INTERRUPTED: Final = 143  # SIGTERM: resume on the next attempt from the newest checkpoint
 
 
+# The Pod's terminationGracePeriodSeconds: the worker's budget between SIGTERM and its own forced exit.
+POD_TERMINATION_GRACE_SECONDS: Final = 60
 DEFAULT_NON_RETRYABLE_EXIT_CODES: Final = (ExitCode.BAD_INPUT,)

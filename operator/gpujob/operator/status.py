@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from gpujob.api.constants import ConditionType, Label, Phase, Reason
+from gpujob.api.constants import ConditionType, ExitCode, Label, Phase, Reason
 from gpujob.api.models import Artifact, Condition, GpuJobSpec, GpuJobStatus, Progress
 
 MESSAGE_LIMIT = 1024  # condition/status messages are truncated, as the Kubernetes conventions ask
@@ -267,6 +267,13 @@ def _attempt_failed(b: _Builder, d: Decision, spec: GpuJobSpec, pod: PodView, re
         d.requeue_after = (due - b.now).total_seconds()
 
 
+# Worker exit codes with a reason of their own (the rest are `Error`).
+_EXIT_REASONS: dict[int, Reason] = {
+    ExitCode.OUT_OF_MEMORY: Reason.OUT_OF_MEMORY,
+    ExitCode.GPU_UNAVAILABLE: Reason.GPU_UNAVAILABLE,
+}
+
+
 def _taken_away(pod: PodView) -> str | None:
     """Why a Failed Pod ended from outside (not the job's failure: the next attempt starts at once, uncounted),
     or None when the job failed by itself."""
@@ -287,6 +294,7 @@ def _failure_reason(pod: PodView) -> tuple[str, str]:
     if pod.reason == Reason.OOM_KILLED:
         return Reason.OOM_KILLED, f"attempt {pod.attempt} was OOM-killed (exit code {pod.exit_code})"
     text = f"attempt {pod.attempt} failed with exit code {pod.exit_code}"
+    reason = _EXIT_REASONS.get(pod.exit_code, Reason.ERROR) if pod.exit_code is not None else Reason.ERROR
     if pod.result and not pod.result.lstrip().startswith("{"):
         text += f": {pod.result.strip()}"
     else:
@@ -296,7 +304,7 @@ def _failure_reason(pod: PodView) -> tuple[str, str]:
             error = None
         if error:
             text += f": {error}"
-    return Reason.ERROR, text
+    return reason, text
 
 
 def decide(body: dict[str, Any], pods: list[PodView], now: datetime, *, spec: GpuJobSpec | None = None) -> Decision:
