@@ -39,16 +39,18 @@ def bare(models_dir: str, params_json: str) -> None:
     """Child process: the same trainer and loop as TrainLora.run, minus ctx.report_progress/step_boundary."""
     import torch
 
+    from gpujob.worker.devices import Devices
     from gpujob.worker.tasks.lora import LoraParams, LoraTrainer
 
     params = LoraParams.model_validate(json.loads(params_json))
     torch.manual_seed(params.seed)
-    trainer = LoraTrainer(Path(models_dir) / params.base_model, params, params.dataset.text or [], torch.device("cpu"))
-    total = trainer.batches_per_epoch * params.epochs
+    texts = iter(params.dataset.text or [])
+    trainer = LoraTrainer(Path(models_dir) / params.base_model, params, texts, Devices(torch.device("cpu")))
+    total = trainer.total
     started = time.perf_counter()
     for step in range(total):
-        epoch, index = divmod(step, trainer.batches_per_epoch)
-        trainer.step(epoch, index)
+        loss = trainer.step(step)
+    float(loss)  # the last step's work is done
     print(json.dumps({"stepsPerSecond": total / (time.perf_counter() - started)}))
 
 
@@ -62,13 +64,15 @@ def interleaved(
 
     from gpujob.settings import Settings
     from gpujob.worker.artifacts import ArtifactStore
+    from gpujob.worker.checkpoints import Checkpoints
     from gpujob.worker.context import TaskContext
+    from gpujob.worker.devices import Devices
     from gpujob.worker.progress import ProgressReporter
-    from gpujob.worker.tasks.lora import LoraParams, LoraTrainer
+    from gpujob.worker.tasks.lora import PROGRESS_EVERY_SECONDS, LoraParams, LoraTrainer
 
     settings = Settings(**{k.removeprefix("GPUJOB_").lower(): v for k, v in env.items() if k.startswith("GPUJOB_")})
     params = LoraParams.model_validate(lora_params(epochs))
-    trainer = LoraTrainer(models_dir / "tiny", params, TEXTS, torch.device("cpu"))
+    trainer = LoraTrainer(models_dir / "tiny", params, iter(TEXTS), Devices(torch.device("cpu")))
     store = ArtifactStore.from_settings(settings)
     store.ensure_bucket()
     reporter = ProgressReporter.from_settings(settings, "bench-interleaved")
@@ -77,7 +81,7 @@ def interleaved(
         job_type="train_lora",
         attempt=1,
         params={},
-        device=torch.device("cpu"),
+        devices=Devices(torch.device("cpu")),
         models_dir=models_dir,
         workdir=models_dir,
         prefix="loras/bench-interleaved/",
@@ -85,8 +89,10 @@ def interleaved(
         reporter=reporter,
         stop_event=threading.Event(),
         checkpoint_every=CHECKPOINT_EVERY,
+        checkpoints=Checkpoints(store, "loras/bench-interleaved/checkpoints/", "bench"),
     )
-    total = trainer.batches_per_epoch * params.epochs
+    total = trainer.total
+    reported = 0.0
     seconds = {True: 0.0, False: 0.0}
     steps = {True: 0, False: 0}
     saved = 0
@@ -95,11 +101,14 @@ def interleaved(
         instrumented = n % 4 in (0, 3)  # ABBA
         started = time.perf_counter()
         for _ in range(block):
-            epoch, index = divmod(step, trainer.batches_per_epoch)
-            loss = trainer.step(epoch, index)
+            loss = trainer.step(step)
             step += 1
-            if instrumented:
-                ctx.report_progress(95 * step / total, f"Epoch {epoch + 1}/{params.epochs} — loss={loss:.4f}")
+            if instrumented:  # as TrainLora.run: the loss is read back at most every PROGRESS_EVERY_SECONDS
+                if (now := time.monotonic()) - reported >= PROGRESS_EVERY_SECONDS:
+                    reported = now
+                    ctx.report_progress(
+                        95 * step / total, f"Epoch {step // trainer.steps_per_epoch + 1} — loss={float(loss):.4f}"
+                    )
                 before = ctx._last_checkpoint
                 ctx.step_boundary(step, trainer.state)
                 saved += ctx._last_checkpoint != before

@@ -154,13 +154,14 @@ def test_checkpoints_newest_wins_and_old_ones_are_pruned(s3_server: S3Server, s3
     settings = Settings(**{k.removeprefix("GPUJOB_").lower(): v for k, v in s3_server.env(s3_bucket).items()})
     store = ArtifactStore(make_client(settings), s3_bucket)
     store.ensure_bucket()
-    checkpoints = Checkpoints(store, "voices/j/checkpoints")
+    checkpoints = Checkpoints(store, "voices/j/checkpoints", "run-1")
     assert checkpoints.latest() is None
     for step in (5, 50, 500):
         checkpoints.save(step, {"value": step * 2})
     assert store.list_keys("voices/j/checkpoints/") == [checkpoints.key(50), checkpoints.key(500)]
+    assert checkpoints.key(500) == "voices/j/checkpoints/run-1/step-000000000500.pt"
     store.put_bytes(checkpoints.key(900), b"torn")  # cut short by a SIGKILL: skipped
-    assert checkpoints.latest() == {"value": 1000, "step": 500}
+    assert checkpoints.latest() == {"value": 1000, "step": 500, "run": "run-1"}
     checkpoints.clear()
     assert store.list_keys("voices/j/") == []
 

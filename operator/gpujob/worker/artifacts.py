@@ -3,16 +3,21 @@
 Credentials come only from the environment (GPUJOB_S3_*, put in the Pod from a Secret by the operator).
 Every call is retried with a capped back-off on transient failures; when S3 stays unreachable the worker
 exits with the transient code (75) so the operator retries the attempt.
+
+`GPUJOB_S3_ENDPOINT=file:///some/dir` selects `DirStore` instead: the same keys as files under a local
+directory. It is for runs outside a cluster (hack/gpu_check.py on a machine without S3), never for Pods:
+the next attempt may run on another node.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import urllib3
 from minio import Minio
@@ -61,6 +66,29 @@ def make_client(settings: Settings) -> Minio:
         region=settings.s3_region,
         http_client=http,
     )
+
+
+FILE_SCHEME = "file://"
+
+
+class Store(Protocol):
+    """What a job needs from object storage; ArtifactStore (S3) and DirStore (a local directory)."""
+
+    bucket: str
+
+    def ensure_bucket(self) -> None: ...
+    def upload(self, path: Path, key: str, content_type: str = "application/octet-stream") -> Artifact: ...
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+    def get_bytes(self, key: str) -> bytes: ...
+    def download(self, key: str, path: Path) -> None: ...
+    def list_keys(self, prefix: str) -> list[str]: ...
+    def remove(self, key: str) -> None: ...
+
+
+def store_from_settings(settings: Settings) -> Store:
+    if settings.s3_endpoint.startswith(FILE_SCHEME):
+        return DirStore(Path(settings.s3_endpoint.removeprefix(FILE_SCHEME)), settings.s3_bucket)
+    return ArtifactStore.from_settings(settings)
 
 
 class ArtifactStore:
@@ -146,6 +174,13 @@ class ArtifactStore:
         except S3Error as exc:  # only the missing codes get here
             raise BadInput(f"s3://{self.bucket}/{key} does not exist") from exc
 
+    def download(self, key: str, path: Path) -> None:
+        """The object into a local file (datasets: streamed, never whole in memory); BadInput if missing."""
+        try:
+            self._call(f"get {key}", lambda: self.client.fget_object(self.bucket, key, str(path)))
+        except S3Error as exc:
+            raise BadInput(f"s3://{self.bucket}/{key} does not exist") from exc
+
     def list_keys(self, prefix: str) -> list[str]:
         return self._call(
             f"list {prefix}",
@@ -158,3 +193,54 @@ class ArtifactStore:
 
     def remove(self, key: str) -> None:
         self._call(f"remove {key}", lambda: self.client.remove_object(self.bucket, key))
+
+
+class DirStore:
+    """Keys as files under `root/bucket/` (see the module docstring: local runs only, never in a Pod)."""
+
+    def __init__(self, root: Path, bucket: str) -> None:
+        self.root = root / bucket
+        self.bucket = bucket
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise BadInput(f"key {key!r} leaves the store")
+        return path
+
+    def ensure_bucket(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def upload(self, path: Path, key: str, content_type: str = "application/octet-stream") -> Artifact:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+        return Artifact(key=key, size=target.stat().st_size, sha256=sha256_file(target))
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(target)  # readers never see half a file
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError as exc:
+            raise BadInput(f"{self.root}/{key} does not exist") from exc
+
+    def download(self, key: str, path: Path) -> None:
+        try:
+            shutil.copyfile(self._path(key), path)
+        except FileNotFoundError as exc:
+            raise BadInput(f"{self.root}/{key} does not exist") from exc
+
+    def list_keys(self, prefix: str) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        keys = (p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
+        return sorted(k for k in keys if k.startswith(prefix) and not k.rsplit("/", 1)[-1].startswith("."))
+
+    def remove(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)

@@ -6,7 +6,6 @@ import argparse
 import os
 import signal
 import threading
-from types import FrameType
 
 from pydantic import ValidationError
 
@@ -15,11 +14,11 @@ from gpujob.api.constants import TERMINATION_MESSAGE_PATH
 from gpujob.logging import configure, get_logger
 from gpujob.settings import Settings
 from gpujob.worker import result
+from gpujob.worker.env import WorkerEnv
 from gpujob.worker.task import available, describe
 
-# After SIGTERM a task gets this long to reach a step boundary; past it we exit anyway, so a task stuck
-# in a long call can't outlive the Pod's grace period (30 s by default) and be SIGKILLed with no result.
-STOP_GRACE_SECONDS = 20.0
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+_finishing = threading.Lock()  # the worker's own result and the watchdog's forced exit exclude each other
 
 
 def _offline() -> None:
@@ -31,26 +30,30 @@ def _offline() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _install_stop_handler(stop: threading.Event, termination_path: str) -> None:
-    def hard_exit() -> None:
-        message = f"task did not stop within {STOP_GRACE_SECONDS:.0f}s of SIGTERM"
-        result.write(termination_path, result.render([], {}, message, ExitCode.INTERRUPTED))
-        get_logger("gpujob.worker").error("forced exit", reason=message)
+def _install_stop_watchdog(stop: threading.Event, done: threading.Event, path: str, budget: float) -> None:
+    """SIGTERM/SIGINT go to a thread of their own (blocked everywhere else, received with sigwait), so they
+    are seen at once even while the main thread is inside a long CUDA call, where a Python signal handler
+    would not run until the call returns. That thread sets `stop` (the task checkpoints at its next step
+    boundary) and, if the worker has not finished `budget` seconds later, writes the result and exits 143,
+    inside the Pod's grace period, instead of being SIGKILLed with no result."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # before any other thread starts: they inherit it
+
+    def watch() -> None:
+        signum = signal.sigwait(STOP_SIGNALS)
+        stop.set()
+        log = get_logger("gpujob.worker")
+        log.warning("stop requested; checkpoint at the next step boundary", signal=signal.Signals(signum).name)
+        if done.wait(budget) or not _finishing.acquire(blocking=False):
+            return
+        message = (
+            f"task did not reach a step boundary within {budget:.0f}s of SIGTERM; "
+            "the next attempt resumes from the newest periodic checkpoint, if any"
+        )
+        result.write(path, result.render([], {}, message, ExitCode.INTERRUPTED))
+        log.error("forced exit", reason=message)
         os._exit(ExitCode.INTERRUPTED)
 
-    def on_signal(signum: int, _: FrameType | None) -> None:
-        if stop.is_set():
-            return
-        stop.set()
-        get_logger("gpujob.worker").warning(
-            "stop requested; checkpoint at the next step boundary", signal=signal.Signals(signum).name
-        )
-        timer = threading.Timer(STOP_GRACE_SECONDS, hard_exit)
-        timer.daemon = True
-        timer.start()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    threading.Thread(target=watch, name="gpujob-stop-watchdog", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,12 +74,22 @@ def main(argv: list[str] | None = None) -> int:
         path = os.environ.get("GPUJOB_TERMINATION_MESSAGE_PATH", TERMINATION_MESSAGE_PATH)
         result.write(path, result.render([], {}, message, ExitCode.BAD_INPUT))
         return ExitCode.BAD_INPUT
+    try:
+        env = WorkerEnv()
+    except ValidationError as exc:
+        configure()
+        message = f"invalid GPUJOB_* settings: {describe(exc)}"
+        get_logger("gpujob.worker").error("job ended", exit_code=ExitCode.BAD_INPUT, error=message)
+        result.write(settings.termination_message_path, result.render([], {}, message, ExitCode.BAD_INPUT))
+        return ExitCode.BAD_INPUT
     configure(settings.log_format, settings.log_level)
-    stop = threading.Event()
-    _install_stop_handler(stop, settings.termination_message_path)
+    stop, done = threading.Event(), threading.Event()
+    _install_stop_watchdog(stop, done, settings.termination_message_path, env.stop_budget)
     from gpujob.worker.runtime import run_job  # torch loads only past argument parsing
 
-    outcome = run_job(settings, stop)
-    text = result.render(outcome.artifacts, outcome.metrics, outcome.error, outcome.exit_code)
+    outcome = run_job(settings, stop, env)
+    with _finishing:
+        done.set()
+    text = result.render(outcome.artifacts, outcome.metrics, outcome.error, outcome.exit_code, outcome.device)
     result.write(settings.termination_message_path, text)
     return outcome.exit_code

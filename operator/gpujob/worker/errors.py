@@ -22,6 +22,18 @@ class TransientError(WorkerError):
 
 
 class Interrupted(WorkerError):
-    """SIGTERM: a checkpoint was saved and the next attempt resumes from it."""
+    """SIGTERM: the next attempt resumes from the newest checkpoint (the message says which one, if any)."""
 
     exit_code = ExitCode.INTERRUPTED
+
+
+class GpuUnavailable(WorkerError):
+    """The Pod was given GPUs but CUDA is not usable: fail now instead of training on CPU for hours."""
+
+    exit_code = ExitCode.GPU_UNAVAILABLE
+
+
+class OutOfMemory(WorkerError):
+    """CUDA ran out of memory where the task could not adapt (e.g. already at micro-batch 1)."""
+
+    exit_code = ExitCode.OUT_OF_MEMORY

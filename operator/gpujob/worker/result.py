@@ -20,6 +20,7 @@ def render(
     metrics: Mapping[str, float],
     error: str | None = None,
     exit_code: int | None = None,
+    device: Mapping[str, Any] | None = None,
 ) -> str:
     """Compact JSON under MAX_BYTES: artifacts are dropped from the end (counted in
     `artifactsOmitted`) before anything else; the full list is always in the bucket under the prefix."""
@@ -28,6 +29,8 @@ def render(
         # NaN/inf are not JSON: a metric that never got a value is left out.
         "metrics": {k: round(v, 6) for k, v in metrics.items() if math.isfinite(v)},
     }
+    if device is not None:  # what the attempt ran on: {"type","count","names","memoryGiB"}
+        doc["device"] = dict(device)
     if error is not None:
         doc["error"] = error if len(error) <= MAX_ERROR_CHARS else error[: MAX_ERROR_CHARS - 1] + "…"
         doc["exitCode"] = exit_code
@@ -38,6 +41,7 @@ def render(
         text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
     if len(text.encode()) > MAX_BYTES:  # only absurd metrics get here
         doc["metrics"] = {}
+        doc.pop("device", None)
         text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
     return text
 

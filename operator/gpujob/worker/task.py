@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -35,6 +36,12 @@ class Task(Generic[ParamsT]):
             return self.params_model.model_validate(raw)
         except ValidationError as exc:
             raise BadInput(f"invalid params for {self.name}: {describe(exc)}") from exc
+
+    def identity(self, models_dir: Path, params: ParamsT) -> str:
+        """What else, besides the params, makes this run's result: e.g. a fingerprint of the base model.
+        Part of the checkpoint run key, so a changed input never resumes an old run. Called before the
+        task runs; may raise BadInput."""
+        return ""
 
     def run(self, ctx: TaskContext, params: ParamsT) -> dict[str, float]:
         raise NotImplementedError

@@ -19,8 +19,23 @@ CORPUS = [
 SPECIAL = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
 
 
-def write_tiny_model(directory: Path | str, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
-    """Write config, safetensors weights and a byte-level BPE tokenizer to `directory`; return it."""
+def write_tiny_model(
+    directory: Path | str,
+    hidden: int = 64,
+    layers: int = 2,
+    seed: int = 0,
+    *,
+    heads: int = 4,
+    kv_heads: int | None = None,
+    intermediate: int | None = None,
+    vocab: int | None = None,
+    max_positions: int = 512,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write config, safetensors weights and a byte-level BPE tokenizer to `directory`; return it.
+
+    The defaults make a toy; the keywords make any Llama shape (hack/bench_gpu.py builds a ~0.5B one). A
+    `vocab` larger than the tokenizer's gives the LM head a realistic size (the extra ids are never seen)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from transformers.utils import logging as hf_logging
@@ -41,19 +56,21 @@ def write_tiny_model(directory: Path | str, hidden: int = 64, layers: int = 2, s
         tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
     )
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=max(vocab or 0, len(tokenizer)),
         hidden_size=hidden,
-        intermediate_size=hidden * 2,
+        intermediate_size=intermediate or hidden * 2,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads,
+        max_position_embeddings=max_positions,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    model.to(dtype)  # type: ignore[arg-type]  # transformers' `to` wrapper is typed for one signature
+    model.config.dtype = dtype
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out

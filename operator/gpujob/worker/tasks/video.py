@@ -3,13 +3,15 @@
 Stands in for a real generator (ComfyUI, a video diffusion model): frames made on the GPU, encoded, uploaded
 to videos/<jobId>/video.mp4. Encoding goes in segments of raw H.264 (Annex B, which may be concatenated): a
 checkpoint closes the current segment and stores the bytes so far, so a resumed attempt only renders the
-frames that are missing and the final file is one remux of all segments.
+frames that are missing and the final file is one remux of all segments. Each checkpoint uploads only
+the segment it closes (`segment-NNNNNN.h264` beside the checkpoint), never the whole video so far.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -66,9 +68,9 @@ def render_frame(p: VideoParams, index: int, device: torch.device) -> torch.Tens
 
 
 class SegmentEncoder:
-    """Frames in, H.264 Annex-B bytes out; `flush()` closes a segment so the bytes so far are a checkpoint."""
+    """Frames in, H.264 Annex-B bytes out; `take()` closes the current segment and hands over its bytes."""
 
-    def __init__(self, p: VideoParams, encoded: bytes = b"") -> None:
+    def __init__(self, p: VideoParams) -> None:
         try:
             import av
         except ImportError as exc:
@@ -77,7 +79,7 @@ class SegmentEncoder:
             ) from exc
         self.av: Any = av
         self.p = p
-        self.encoded = bytearray(encoded)
+        self.encoded = bytearray()
         self.codec: Any = None
         self.pts = 0
 
@@ -101,17 +103,22 @@ class SegmentEncoder:
         for packet in self.codec.encode(video_frame):
             self.encoded += bytes(packet)
 
-    def flush(self) -> bytes:
+    def take(self) -> bytes:
+        """Close the current segment; its bytes (b"" when no frame went in since the last take)."""
         if self.codec is not None:
             for packet in self.codec.encode(None):
                 self.encoded += bytes(packet)
             self.codec = None
-        return bytes(self.encoded)
+        data, self.encoded = bytes(self.encoded), bytearray()
+        return data
 
-    def write_mp4(self, path: Path) -> int:
-        """Remux all segments into one MP4; returns the number of frames."""
+    def write_mp4(self, path: Path, earlier: Iterable[bytes] = ()) -> int:
+        """Remux the `earlier` segments and the current one into one MP4; returns the number of frames."""
         raw = path.with_suffix(".h264")
-        raw.write_bytes(self.flush())
+        with raw.open("wb") as out:
+            for segment in earlier:
+                out.write(segment)
+            out.write(self.take())
         time_base = Fraction(1, self.p.fps)
         count = 0
         with self.av.open(str(raw), format="h264") as src, self.av.open(str(path), "w", format="mp4") as dst:
@@ -134,14 +141,20 @@ class RenderVideo(Task[VideoParams]):
     params_model = VideoParams
 
     def run(self, ctx: TaskContext, params: VideoParams) -> dict[str, float]:
-        done, encoded = 0, b""
+        done, segments = 0, 0
         if (state := ctx.load_checkpoint()) is not None:
-            done, encoded = int(state["step"]), state["encoded"].numpy().tobytes()
-        encoder = SegmentEncoder(params, encoded)
+            done, segments = int(state["step"]), int(state["segments"])
+        encoder = SegmentEncoder(params)
+
+        def segment_key(index: int) -> str:
+            return ctx.checkpoints.blob_key(f"segment-{index:06d}.h264")
 
         def checkpoint() -> dict[str, Any]:
-            data = bytearray(encoder.flush())  # at least one frame was added, so never empty
-            return {"encoded": torch.frombuffer(data, dtype=torch.uint8)}
+            nonlocal segments
+            if data := encoder.take():  # only what was encoded since the last checkpoint goes up
+                ctx.store.put_bytes(segment_key(segments), data)
+                segments += 1
+            return {"segments": segments}
 
         started = time.perf_counter()
         first = done
@@ -153,7 +166,7 @@ class RenderVideo(Task[VideoParams]):
                 ctx.step_boundary(done, checkpoint)
         seconds = time.perf_counter() - started
         path = ctx.workdir / "video.mp4"
-        frames = encoder.write_mp4(path)
+        frames = encoder.write_mp4(path, (ctx.store.get_bytes(segment_key(i)) for i in range(segments)))
         ctx.report_progress(RENDER_SHARE, "uploading video")
         ctx.upload(path, "video.mp4", "video/mp4")
         return {
