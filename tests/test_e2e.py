@@ -1,5 +1,6 @@
-"""End to end: `gpujob sandbox` (API emulator, local kubelet, redis, S3) + `gpujob operator` (with the bridge) +
-`gpujob worker` in every job Pod. Requests go in through the Redis stream exactly as the backend sends them."""
+"""End to end, on each backend: `gpujob sandbox` (API emulator or real control plane, kubelet, redis, S3) +
+`gpujob operator` (with the bridge) + `gpujob worker` in every job Pod. Requests go in through the Redis stream
+exactly as the backend sends them."""
 
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ pytestmark = pytest.mark.e2e
 FAST_RETRY = {"limit": 1, "backoffSeconds": 1, "maxBackoffSeconds": 1}
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    workdir = tmp_path_factory.mktemp("e2e")
-    with LocalStack(workdir, gpus=2) as running:
+@pytest.fixture(scope="module", params=["emulator", "kubernetes"])
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    workdir = tmp_path_factory.mktemp(f"e2e-{request.param}")
+    with LocalStack(workdir, gpus=2, api=request.param) as running:
         from gpujob.worker.tiny_model import write_tiny_model
 
         write_tiny_model(running.models_dir / "tiny-llama")

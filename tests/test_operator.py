@@ -1,5 +1,5 @@
-"""The real operator process against the API emulator over HTTP; Pods driven through their phases as a
-kubelet would (status subresource writes)."""
+"""The real operator process against each API backend (the emulator, a real control plane) over HTTP; Pods
+driven through their phases as a kubelet would (status subresource writes)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def test_gpujob_becomes_gpu_pod_with_spec(operator: OperatorProcess, cluster: Cl
     [c] = pod.spec.containers
     assert c.resources.limits == {"nvidia.com/gpu": "2"}
     assert c.image == "registry.test/gpujob-worker:test"
-    assert pod.spec.node_selector == {"nvidia.com/gpu.product": "NVIDIA-L4"}
+    assert cluster.without_pen(pod.spec.node_selector) == {"nvidia.com/gpu.product": "NVIDIA-L4"}
     assert pod.spec.restart_policy == "Never" and pod.spec.automount_service_account_token is False
     assert pod.metadata.labels[Label.JOB_ID] == "lora" and pod.metadata.labels[Label.TYPE] == "train_lora"
     [owner] = pod.metadata.owner_references
@@ -70,7 +70,7 @@ def test_pending_timeout_fails_with_unschedulable(operator: OperatorProcess, clu
     pod = cluster.wait_pod("stuck", 1)
     cluster.core.patch_namespaced_pod_status(
         pod.metadata.name,
-        "default",
+        cluster.namespace,
         {
             "status": {
                 "phase": "Pending",
@@ -87,7 +87,7 @@ def test_pending_timeout_fails_with_unschedulable(operator: OperatorProcess, clu
     )
     status = cluster.wait_phase("stuck", Phase.FAILED, timeout=20)
     assert status["reason"] == Reason.UNSCHEDULABLE and "pendingTimeoutSeconds=2" in status["message"]
-    wait_for(lambda: not cluster.pods("stuck"), what="the pending pod to be deleted")
+    cluster.wait_until(lambda: not cluster.pods("stuck"), what="the pending pod to be deleted")
 
 
 def test_external_pod_deletion_starts_new_attempt_not_counted(operator: OperatorProcess, cluster: Cluster) -> None:
@@ -95,7 +95,7 @@ def test_external_pod_deletion_starts_new_attempt_not_counted(operator: Operator
     pod = cluster.wait_pod("evicted", 1)
     cluster.set_pod(pod.metadata.name, "Running")
     cluster.wait_phase("evicted", Phase.RUNNING)
-    cluster.core.delete_namespaced_pod(pod.metadata.name, "default")
+    cluster.core.delete_namespaced_pod(pod.metadata.name, cluster.namespace)
     cluster.run_pod("evicted", 2, exit_code=0)
     status = cluster.wait_phase("evicted", Phase.SUCCEEDED)
     assert status["attempts"] == 2 and status["failures"] == 0
@@ -108,7 +108,7 @@ def test_suspend_deletes_pod_and_resume_starts_new_attempt(operator: OperatorPro
     cluster.wait_phase("pausable", Phase.RUNNING)
     cluster.patch_spec("pausable", {"suspend": True})
     cluster.wait_phase("pausable", Phase.SUSPENDED)
-    wait_for(lambda: not cluster.pods("pausable"), what="the suspended job's pod to go")
+    cluster.wait_until(lambda: not cluster.pods("pausable"), what="the suspended job's pod to go")
     cluster.patch_spec("pausable", {"suspend": False})
     cluster.run_pod("pausable", 2)
     assert cluster.wait_phase("pausable", Phase.SUCCEEDED)["attempts"] == 2
@@ -121,30 +121,30 @@ def test_cancel_stops_the_job(operator: OperatorProcess, cluster: Cluster) -> No
     cluster.patch_spec("cancel-me", {"cancel": True})
     status = cluster.wait_phase("cancel-me", Phase.CANCELLED)
     assert status["reason"] == Reason.CANCELLED
-    wait_for(lambda: not cluster.pods("cancel-me"), what="the cancelled job's pod to go")
+    cluster.wait_until(lambda: not cluster.pods("cancel-me"), what="the cancelled job's pod to go")
 
 
 def test_deleting_the_gpujob_removes_its_pod(operator: OperatorProcess, cluster: Cluster) -> None:
     cluster.create_job("gone", {"type": "train_lora"})
     cluster.wait_pod("gone", 1)
     cluster.delete_job("gone")
-    wait_for(lambda: not cluster.pods("gone") and cluster.job("gone") is None, what="job and pod gone")
+    cluster.wait_until(lambda: not cluster.pods("gone") and cluster.job("gone") is None, what="job and pod gone")
 
 
 def test_recreated_job_with_same_name_gets_fresh_pod(operator: OperatorProcess, cluster: Cluster) -> None:
     cluster.create_job("again", {"type": "train_lora"})
     first = cluster.wait_pod("again", 1).metadata.name
     cluster.delete_job("again")
-    wait_for(lambda: cluster.job("again") is None, what="deletion")
+    cluster.wait_until(lambda: cluster.job("again") is None, what="deletion")
     cluster.create_job("again", {"type": "train_lora"})
-    second = wait_for(lambda: [p for p in cluster.pods("again") if p.metadata.name != first], what="new pod")
+    second = cluster.wait_until(lambda: [p for p in cluster.pods("again") if p.metadata.name != first], what="new pod")
     assert second[0].metadata.name != first
 
 
 def test_ttl_after_finished_deletes_the_job(operator: OperatorProcess, cluster: Cluster) -> None:
     cluster.create_job("short-lived", {"type": "train_lora", "ttlSecondsAfterFinished": 1})
     cluster.run_pod("short-lived", 1)
-    wait_for(lambda: cluster.job("short-lived") is None, timeout=20, what="ttl deletion")
+    cluster.wait_until(lambda: cluster.job("short-lived") is None, timeout=20, what="ttl deletion")
 
 
 def test_restart_resyncs_without_rewriting_status(operator: OperatorProcess, cluster: Cluster, emulator: Any) -> None:

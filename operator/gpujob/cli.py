@@ -18,8 +18,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("gpujob.worker.cli:main", "run a job inside its Pod (reads GPUJOB_JOB_* env)"),
     "sandbox": (
         "gpujob.sandbox.cli:main",
-        "local control plane: Kubernetes API emulator (+ kubelet, redis, s3)",
+        "local control plane: API emulator or real Kubernetes (+ kubelets, redis, s3)",
     ),
+    "kubelet": ("gpujob.sandbox.kubelet:main", "a sandbox node agent: runs its Node's Pods as local processes"),
 }
 
 

@@ -1,6 +1,9 @@
-"""The real operator (`gpujob operator`) as a subprocess against the API emulator, and a kubelet's pen.
+"""The real operator (`gpujob operator`) as a subprocess against the `api` backend (the emulator or the real
+control plane, see tests/support/kubernetes.py), and a kubelet's pen.
 
-Tests drive Pods through their phases the way a kubelet would: by writing the Pod's status subresource.
+Tests drive Pods through their phases the way a kubelet would: by writing the Pod's status subresource. On the
+real control plane the jobs carry a nodeSelector no Node has, so kube-scheduler leaves their Pods unbound
+(PodScheduled=False, Unschedulable) and no node agent runs them: the test is their only kubelet.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from kubernetes import client
 
 from gpujob.api.constants import GROUP, PLURAL, VERSION, Label
 from gpujob.sandbox.procs import free_port, wait_for
+from tests.support.kubernetes import ApiTarget
 
 READY_LINE = "operator started"
+PEN = {"gpujob.dev/test-pen": "no-node-has-this"}
 
 
 @dataclass
@@ -72,20 +77,21 @@ class OperatorProcess:
 
 
 @pytest.fixture
-def operator_factory(emulator: Any, tmp_path: Path) -> Iterator[Callable[..., OperatorProcess]]:
+def operator_factory(api: ApiTarget, tmp_path: Path) -> Iterator[Callable[..., OperatorProcess]]:
     started: list[OperatorProcess] = []
 
     def start(extra_env: dict[str, str] | None = None, args: tuple[str, ...] = (), run: bool = True) -> OperatorProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GPUJOB_")}
         env.update(
-            KUBECONFIG=str(emulator.kubeconfig),
+            KUBECONFIG=str(api.operator_kubeconfig),
+            GPUJOB_NAMESPACE=api.namespace,
             GPUJOB_WORKER_IMAGE="registry.test/gpujob-worker:test",
             GPUJOB_LOG_FORMAT="json",
             GPUJOB_METRICS_PORT=str(free_port()),
             GPUJOB_STATUS_PROGRESS_INTERVAL="0.2",
         )
         env.update(extra_env or {})
-        argv = [sys.executable, "-m", "gpujob.cli", "operator", *args]
+        argv = [sys.executable, "-m", "gpujob.cli", "operator", *api.operator_args, *args]
         op = OperatorProcess(argv, env, tmp_path / f"operator-{len(started)}.log")
         started.append(op)
         return op.start() if run else op
@@ -101,19 +107,30 @@ def operator(operator_factory: Callable[..., OperatorProcess]) -> OperatorProces
 
 
 class Cluster:
-    """Sync helpers over the real HTTP API of the emulator: GpuJobs in, Pods driven like a kubelet."""
+    """Sync helpers over the real HTTP API of the backend: GpuJobs in, Pods driven like a kubelet."""
 
-    def __init__(self, api: client.ApiClient, namespace: str = "default") -> None:
+    def __init__(
+        self, api: client.ApiClient, namespace: str = "default", *, pen: bool = False, slowdown: float = 1.0
+    ) -> None:
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
         self.namespace = namespace
+        self.pen = pen  # keep the jobs' Pods off every Node (the real control plane's scheduler)
+        self.slowdown = slowdown
 
     def create_job(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        if self.pen:
+            spec = {**spec, "nodeSelector": {**(spec.get("nodeSelector") or {}), **PEN}}
         body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "GpuJob", "metadata": {"name": name}, "spec": spec}
         created: dict[str, Any] = self.custom.create_namespaced_custom_object(
             GROUP, VERSION, self.namespace, PLURAL, body
         )
         return created
+
+    @staticmethod
+    def without_pen(node_selector: dict[str, str] | None) -> dict[str, str]:
+        """A Pod's nodeSelector less the pen's key that `create_job` added."""
+        return {k: v for k, v in (node_selector or {}).items() if k not in PEN}
 
     def job(self, name: str) -> dict[str, Any] | None:
         try:
@@ -143,13 +160,19 @@ class Cluster:
         def found() -> Any:
             return next((p for p in self.pods(job_name) if p.metadata.labels[Label.ATTEMPT] == str(attempt)), None)
 
-        return wait_for(found, timeout, what=f"pod of {job_name} attempt {attempt}")
+        return wait_for(found, timeout * self.slowdown, what=f"pod of {job_name} attempt {attempt}")
 
     def wait_phase(self, name: str, phase: str, timeout: float = 15.0) -> dict[str, Any]:
         status: dict[str, Any] = wait_for(
-            lambda: (s := self.status(name)).get("phase") == phase and s, timeout, what=f"{name} phase {phase}"
+            lambda: (s := self.status(name)).get("phase") == phase and s,
+            timeout * self.slowdown,
+            what=f"{name} phase {phase}",
         )
         return status
+
+    def wait_until(self, predicate: Callable[[], Any], timeout: float = 15.0, what: str = "") -> Any:
+        """`wait_for` with the backend's slowdown (GC and controllers are asynchronous on a real cluster)."""
+        return wait_for(predicate, timeout * self.slowdown, what=what)
 
     # --- the kubelet's side
     def set_pod(
@@ -205,5 +228,10 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(k8s_api: client.ApiClient) -> Cluster:
-    return Cluster(k8s_api)
+def cluster(api: ApiTarget) -> Iterator[Cluster]:
+    import kubernetes
+
+    configuration = kubernetes.client.Configuration()
+    kubernetes.config.load_kube_config(config_file=str(api.kubeconfig), client_configuration=configuration)
+    with kubernetes.client.ApiClient(configuration) as api_client:
+        yield Cluster(api_client, api.namespace, pen=api.backend == "kubernetes", slowdown=api.slowdown)

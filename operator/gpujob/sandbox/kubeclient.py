@@ -1,4 +1,5 @@
-"""The few Kubernetes API calls the sandbox kubelet makes, over plain HTTP (aiohttp), with a list+watch iterator."""
+"""The few Kubernetes API calls the sandbox kubelet makes (aiohttp), with a list+watch iterator: plain HTTP to the
+emulator, HTTPS with the cluster's CA and a bearer token to a real kube-apiserver."""
 
 from __future__ import annotations
 
@@ -6,16 +7,20 @@ import asyncio
 import base64
 import json
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import yaml
+
+from gpujob.sandbox.kubeconfig import read_kubeconfig
 
 Json = dict[str, Any]
 log = logging.getLogger("gpujob.sandbox.kubelet")
 MERGE = {"Content-Type": "application/merge-patch+json"}
+# Pod status: conditions merge by type, so a kubelet's write keeps what others set (DisruptionTarget, PodScheduled).
+STRATEGIC = {"Content-Type": "application/strategic-merge-patch+json"}
 
 
 class ApiError(Exception):
@@ -29,25 +34,34 @@ class Gone(Exception):
 
 
 def server_of(kubeconfig: str | Path) -> str:
-    """The server URL of the current context of a kubeconfig (the sandbox's: plain HTTP, no auth needed)."""
-    config = yaml.safe_load(Path(kubeconfig).read_text())
-    context_name = config.get("current-context")
-    context = next(c["context"] for c in config["contexts"] if c["name"] == context_name)
-    cluster = next(c["cluster"] for c in config["clusters"] if c["name"] == context["cluster"])
-    server: str = cluster["server"]
-    return server.rstrip("/")
+    """The server URL of the current context of a kubeconfig."""
+    return read_kubeconfig(kubeconfig)[0]
 
 
 class KubeClient:
-    def __init__(self, server: str, request_timeout: float = 15.0) -> None:
+    def __init__(
+        self, server: str, request_timeout: float = 15.0, *, token: str | None = None, ca_pem: bytes | None = None
+    ) -> None:
         self.server = server.rstrip("/")
         self.request_timeout = request_timeout
+        self.token = token or "sandbox"
+        self.ssl: ssl.SSLContext | None = None
+        if ca_pem is not None:
+            self.ssl = ssl.create_default_context(cadata=ca_pem.decode())
         self._session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def from_kubeconfig(cls, path: str | Path, request_timeout: float = 15.0) -> KubeClient:
+        server, token, ca_pem, _ = read_kubeconfig(path)
+        return cls(server, request_timeout, token=token, ca_pem=ca_pem)
 
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(headers={"Authorization": "Bearer sandbox"})
+            connector = aiohttp.TCPConnector(ssl=self.ssl) if self.ssl is not None else None
+            self._session = aiohttp.ClientSession(
+                headers={"Authorization": f"Bearer {self.token}"}, connector=connector
+            )
         return self._session
 
     async def close(self) -> None:
@@ -87,7 +101,8 @@ class KubeClient:
     async def patch_pod_status(self, namespace: str, name: str, status: Json) -> bool:
         """Merge-patch the Pod's status; False when the Pod is gone."""
         try:
-            await self.request("PATCH", f"/api/v1/namespaces/{namespace}/pods/{name}/status", {"status": status}, MERGE)
+            path = f"/api/v1/namespaces/{namespace}/pods/{name}/status"
+            await self.request("PATCH", path, {"status": status}, STRATEGIC)
         except ApiError as exc:
             if exc.status == 404:
                 return False

@@ -1,9 +1,14 @@
 """A local kubelet for the sandbox: one fake GPU Node whose Pods run as local processes.
 
-It lists and watches Pods through the API (any server: the emulator in practice), schedules the unbound ones
-onto its Node when their GPUs fit (else keeps them Pending with PodScheduled=False/Unschedulable, as the
-scheduler would), binds them, and runs each Pod's first container `command`+`args` as a local process group
-(the image is never pulled). See podrunner.py for the per-Pod lifecycle and what of the Pod spec is honoured.
+It lists and watches Pods through the API and runs each Pod's first container `command`+`args` as a local process
+group (the image is never pulled). See podrunner.py for the per-Pod lifecycle and what of the Pod spec is honoured.
+
+Two modes:
+- on the API emulator (`schedule=True`), it is also the scheduler: it binds unbound Pods when their GPUs fit, else
+  keeps them Pending with PodScheduled=False/Unschedulable;
+- on a real control plane (`schedule=False`, `gpujob kubelet`), kube-scheduler binds and this is a node agent: it
+  watches only the Pods bound to its Node, renews its Lease in kube-node-lease and its Ready condition, and serves
+  the Pods' logs on loopback (HTTPS, a certificate the apiserver trusts) for `kubectl logs [-f]`.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from gpujob.sandbox.kubeclient import ApiError, KubeClient, server_of
+from gpujob.sandbox.kubeclient import ApiError, KubeClient
+from gpujob.sandbox.nodeagent import Heartbeat, LogServer
 from gpujob.sandbox.podrunner import NodeInfo, PodRunner, now_iso
 from gpujob.sandbox.podspec import fits, gpu_request
 
@@ -42,6 +48,11 @@ class KubeletConfig:
     state_dir: Path = Path(".sandbox")
     shutdown_grace: float = 5.0  # seconds a Pod's process gets on kubelet shutdown before SIGKILL
     extra_path: list[str] = field(default_factory=list)  # prepended to PATH of every Pod's process
+    schedule: bool = True  # bind unbound Pods itself (emulator); False: kube-scheduler binds (real control plane)
+    heartbeat_seconds: float | None = None  # renew the Lease and Ready condition this often (real control plane)
+    serving_cert: Path | None = None  # with serving_key: serve Pod logs over HTTPS on loopback
+    serving_key: Path | None = None
+    taints: list[Json] = field(default_factory=list)
 
 
 def _meta(pod: Json) -> Json:
@@ -69,9 +80,9 @@ class Kubelet:
     """`async with Kubelet(server, config):` the Node is registered and the Pods known when the block starts;
     leaving it stops every Pod's process (SIGTERM, then SIGKILL after `shutdown_grace`)."""
 
-    def __init__(self, server: str, config: KubeletConfig | None = None) -> None:
+    def __init__(self, server: str | KubeClient, config: KubeletConfig | None = None) -> None:
         self.config = config or KubeletConfig()
-        self.client = KubeClient(server)
+        self.client = server if isinstance(server, KubeClient) else KubeClient(server)
         pods_dir = (self.config.state_dir / "pods").resolve()
         self.node = NodeInfo(
             self.config.node_name, self.config.models_dir.resolve(), pods_dir, list(self.config.extra_path)
@@ -85,17 +96,24 @@ class Kubelet:
         self._synced = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
+        self.logs: LogServer | None = None
+        if self.config.serving_cert is not None and self.config.serving_key is not None:
+            self.logs = LogServer(self.node.pods_dir, self.config.serving_cert, self.config.serving_key)
 
     # --- lifecycle
     async def __aenter__(self) -> Self:
         self.config.models_dir.mkdir(parents=True, exist_ok=True)
         self.node.pods_dir.mkdir(parents=True, exist_ok=True)
+        if self.logs is not None:
+            await self.logs.start(self.is_running)
         await self.client.put_node(self.node_object())
         loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(self._watch_pods(), name="kubelet-watch"),
-            loop.create_task(self._schedule_loop(), name="kubelet-scheduler"),
-        ]
+        self._tasks = [loop.create_task(self._watch_pods(), name="kubelet-watch")]
+        if self.config.schedule:
+            self._tasks.append(loop.create_task(self._schedule_loop(), name="kubelet-scheduler"))
+        if self.config.heartbeat_seconds:
+            heartbeat = Heartbeat(self.client, self.config.node_name, self.config.heartbeat_seconds)
+            self._tasks.append(loop.create_task(heartbeat.run(), name="kubelet-heartbeat"))
         await self._synced.wait()
         return self
 
@@ -117,7 +135,12 @@ class Kubelet:
         tasks = [r.task for r in runners if r.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=self.config.shutdown_grace + 10)
+        if self.logs is not None:
+            await self.logs.stop()
         await self.client.close()
+
+    def is_running(self, namespace: str, name: str) -> bool:
+        return any(r.namespace == namespace and r.name == name for r in self.runners.values())
 
     @property
     def free_gpus(self) -> list[int]:
@@ -144,12 +167,15 @@ class Kubelet:
             GPU_RESOURCE: str(self.config.gpus),
         }
         now = now_iso()
+        spec: Json = {"taints": self.config.taints} if self.config.taints else {}
+        port = self.logs.port if self.logs is not None else 0
         return {
             "apiVersion": "v1",
             "kind": "Node",
             "metadata": {"name": self.config.node_name, "labels": self.node_labels()},
-            "spec": {},
+            "spec": spec,
             "status": {
+                "daemonEndpoints": {"kubeletEndpoint": {"Port": port}},
                 "capacity": resources,
                 "allocatable": resources,
                 "conditions": [
@@ -183,7 +209,10 @@ class Kubelet:
 
     # --- watch
     async def _watch_pods(self) -> None:
-        async for event_type, obj in self.client.list_and_watch("/api/v1/pods"):
+        path = "/api/v1/pods"
+        if not self.config.schedule:  # a node agent sees only the Pods bound to its Node, as a kubelet does
+            path += f"?fieldSelector=spec.nodeName%3D{self.config.node_name}"
+        async for event_type, obj in self.client.list_and_watch(path):
             if event_type == "SYNC":
                 self._resync(obj.get("items") or [])
                 self._synced.set()
@@ -227,8 +256,9 @@ class Kubelet:
         if phase in TERMINAL or uid in self._done or runner is not None:
             return
         if not node:
-            self.pending[uid] = pod
-            self._kick.set()
+            if self.config.schedule:
+                self.pending[uid] = pod
+                self._kick.set()
         elif node == self.config.node_name:
             if phase == "Running":  # bound here by an earlier kubelet whose process is gone
                 self._done.add(uid)
@@ -342,7 +372,8 @@ def add_arguments(group: Any, *, with_switch: bool = True) -> None:
         )
     group.add_argument("--gpus", type=int, default=1, help="nvidia.com/gpu allocatable on the fake node (default: 1)")
     group.add_argument("--gpu-product", default=GPU_PRODUCT, help="the node's nvidia.com/gpu.product label")
-    group.add_argument("--node-name", default=NODE_NAME, help="name of the fake node (default: %(default)s)")
+    if with_switch:
+        group.add_argument("--node-name", default=NODE_NAME, help="name of the fake node (default: %(default)s)")
     group.add_argument(
         "--models-dir",
         type=Path,
@@ -362,12 +393,25 @@ def config_from_args(args: argparse.Namespace, state_dir: Path) -> KubeletConfig
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gpujob.sandbox.kubelet", description=__doc__)
+    """`gpujob kubelet`: one node agent against a real control plane (or, with --schedule, the emulator)."""
+    parser = argparse.ArgumentParser(prog="gpujob kubelet", description=__doc__)
     parser.add_argument("--kubeconfig", type=Path, required=True)
     parser.add_argument("--state-dir", type=Path, default=Path(".sandbox"))
+    parser.add_argument("--node", dest="node_name", default=NODE_NAME, help="the Node's name (default: %(default)s)")
     add_arguments(parser, with_switch=False)
+    parser.add_argument(
+        "--schedule", action="store_true", help="bind unbound Pods itself (the emulator has no kube-scheduler)"
+    )
+    parser.add_argument("--heartbeat", type=float, default=4.0, help="Lease/Ready renewal period in s (0: none)")
+    parser.add_argument("--serving-cert", type=Path, help="TLS certificate for the log endpoint (with --serving-key)")
+    parser.add_argument("--serving-key", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    config = config_from_args(args, args.state_dir / args.node_name)
+    config.models_dir = args.models_dir or args.state_dir / "models"  # one models dir for all nodes, like the PVC
+    config.schedule = args.schedule
+    config.heartbeat_seconds = args.heartbeat or None
+    config.serving_cert, config.serving_key = args.serving_cert, args.serving_key
 
     async def run() -> None:
         import signal
@@ -375,13 +419,9 @@ def main(argv: list[str] | None = None) -> int:
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             asyncio.get_running_loop().add_signal_handler(signum, stop.set)
-        async with Kubelet(server_of(args.kubeconfig), config_from_args(args, args.state_dir)):
-            print(f"sandbox kubelet ready: node {args.node_name} with {args.gpus} GPU(s)", flush=True)
+        async with Kubelet(KubeClient.from_kubeconfig(args.kubeconfig), config):
+            print(f"sandbox kubelet ready: node {config.node_name} with {config.gpus} GPU(s)", flush=True)
             await stop.wait()
 
     asyncio.run(run())
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -312,7 +312,8 @@ class PodRunner:
             "ready": ready,
             "started": "running" in state,
             "restartCount": 0,
-            "state": state,
+            # Strategic merge patch merges maps: name the states this one replaces, or they would linger.
+            "state": {**{k: None for k in ("waiting", "running", "terminated") if k not in state}, **state},
         }
         if self.pid is not None:
             container_status["containerID"] = f"sandbox://{self.pid}"

@@ -17,6 +17,7 @@ from typing import Any, Self
 from gpujob.sandbox import kubelet as kubelet_mod
 from gpujob.sandbox.emulator import Emulator
 from gpujob.sandbox.procs import ComponentMissing, RedisServer
+from gpujob.sandbox.realcluster import KubernetesSandbox
 from gpujob.sandbox.s3_server import S3Server, weed_binary
 
 log = logging.getLogger("gpujob.sandbox")
@@ -72,10 +73,11 @@ def _b64(value: str) -> str:
 
 
 class SandboxServices:
-    """`async with SandboxServices(args, emulator) as services:` everything is up; leaving stops it all."""
+    """`async with SandboxServices(args, api) as services:` everything is up; leaving stops it all. On the
+    emulator the kubelet runs here (in-process); on a real control plane the node agents are already running."""
 
-    def __init__(self, args: argparse.Namespace, emulator: Emulator) -> None:
-        self.args, self.emulator = args, emulator
+    def __init__(self, args: argparse.Namespace, api: Emulator | KubernetesSandbox) -> None:
+        self.args, self.api = args, api
         self.state_dir: Path = args.state_dir.resolve()
         self.redis: RedisServer | None = None
         self.s3: S3Server | None = None
@@ -118,9 +120,11 @@ class SandboxServices:
             self.secret_env.update({k: s3_env[k] for k in ("GPUJOB_S3_ACCESS_KEY", "GPUJOB_S3_SECRET_KEY")})
         if self.secret_env:
             self._put_secret()
-        if args.kubelet:
+        if isinstance(self.api, KubernetesSandbox):
+            self.env["GPUJOB_MODELS_DIR"] = str(self.api.models_dir)
+        elif args.kubelet:
             config = kubelet_mod.config_from_args(args, self.state_dir)
-            self.kubelet = kubelet_mod.Kubelet(self.emulator.url, config)
+            self.kubelet = kubelet_mod.Kubelet(self.api.url, config)
             await self.kubelet.__aenter__()
             self.env["GPUJOB_MODELS_DIR"] = str(config.models_dir.resolve())
         env_file = self.state_dir / "env"
@@ -143,11 +147,19 @@ class SandboxServices:
             "metadata": {"name": self.args.worker_secret, "namespace": "default"},
             "data": {k: _b64(v) for k, v in self.secret_env.items()},
         }
-        self.emulator.create_object(secret)
+        if isinstance(self.api, KubernetesSandbox):
+            rest = self.api.rest()
+            if not rest.create("/api/v1/namespaces/default/secrets", secret):
+                rest.request("PUT", f"/api/v1/namespaces/default/secrets/{self.args.worker_secret}", secret)
+        else:
+            self.api.create_object(secret)
 
     def describe(self) -> list[str]:
         """The lines to print: what runs, and the env to use it (secrets only in the env file)."""
         parts = ["API emulator"]
+        if isinstance(self.api, KubernetesSandbox):
+            parts = [f"Kubernetes {self.api.version} (etcd, apiserver, controller-manager, scheduler)"]
+            parts += [f"node {a.name} ({a.gpus} GPU)" for a in self.api.agents]
         if self.kubelet is not None:
             config = self.kubelet.config
             parts.append(f"kubelet (node {config.node_name}, {config.gpus} GPU, models {config.models_dir})")

@@ -23,6 +23,7 @@ from typing import Any
 from gpujob.api.constants import GROUP, PLURAL, VERSION, Label
 from gpujob.api.naming import job_name
 from gpujob.sandbox.procs import free_port, wait_for
+from gpujob.sandbox.realcluster import Rest
 from gpujob.settings import Settings
 
 Json = dict[str, Any]
@@ -114,9 +115,15 @@ class LocalStack:
     sandbox stops every Pod's process, redis and S3)."""
 
     def __init__(
-        self, workdir: Path, gpus: int = 2, operator_env: dict[str, str] | None = None, metrics: bool = True
+        self,
+        workdir: Path,
+        gpus: int = 2,
+        operator_env: dict[str, str] | None = None,
+        metrics: bool = True,
+        api: str = "emulator",
     ) -> None:
         self.workdir = workdir
+        self.api = api
         self.state_dir = workdir / "sandbox"
         self.kubeconfig = workdir / "kubeconfig"
         self.gpus = gpus
@@ -148,7 +155,9 @@ class LocalStack:
 
     def start_sandbox(self, timeout: float = 90.0) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        argv = [str(VENV_BIN / "gpujob"), "sandbox", "--kubeconfig", str(self.kubeconfig)]
+        argv = [str(VENV_BIN / "gpujob"), "sandbox", "--api", self.api, "--kubeconfig", str(self.kubeconfig)]
+        if self.api == "kubernetes":
+            timeout = max(timeout, 240.0)  # etcd, apiserver, controllers, nodes: seconds, not milliseconds
         argv += ["--state-dir", str(self.state_dir), "--gpus", str(self.gpus), "--crds", str(REPO / "crds")]
         argv += ["--redis", "--s3"]  # required here: fail loudly when a binary is missing
         self.sandbox = Process("gpujob sandbox", argv, self.base_env(), self.workdir / "sandbox.log", "sandbox ready")
@@ -224,14 +233,7 @@ class LocalStack:
         return entry_id
 
     def get(self, path: str) -> Json | None:
-        try:
-            with urllib.request.urlopen(self.api_url + path, timeout=10) as resp:
-                result: Json = json.load(resp)
-                return result
-        except urllib.error.HTTPError as exc:
-            if exc.code == 404:
-                return None
-            raise
+        return Rest(self.kubeconfig).get(path)
 
     def job(self, job_id: str, namespace: str = "default") -> Json | None:
         return self.get(f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{job_name(job_id)}")
