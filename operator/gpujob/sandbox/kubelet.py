@@ -310,7 +310,7 @@ class Kubelet:
             if uid not in self.pending:
                 continue
             free = self.free_gpus
-            fit = fits(pod, labels, len(free))
+            fit = fits(pod, labels, len(free), taints=self.config.taints, node_name=self.config.node_name)
             if not fit.ok:
                 if self._unschedulable.get(uid) != fit.message:
                     self._unschedulable[uid] = fit.message

@@ -227,8 +227,10 @@ class PodRunner:
         env["GPUJOB_MODELS_DIR"] = mounts.get("/opt/models", str(self.node.models_dir))
         ids = ",".join(str(i) for i in self.gpu_ids)
         env["CUDA_VISIBLE_DEVICES"] = ids  # only its GPUs (none for a CPU-only Pod), as with the device plugin
+        # The sandbox's GPUs are bookkeeping, not devices: NVIDIA_VISIBLE_DEVICES (what the device plugin sets, and
+        # what the worker reads as "GPUs were given, CUDA must work") stays unset; the indices are still shown.
         if self.gpu_ids:
-            env["NVIDIA_VISIBLE_DEVICES"] = ids
+            env["GPUJOB_SANDBOX_GPUS"] = ids
         return env
 
     async def _supervise(self, proc: asyncio.subprocess.Process) -> tuple[int, str, str | None]:
