@@ -40,6 +40,12 @@ SERVER_VERSION: Json = {
 WRITE_VERBS = frozenset({"create", "update", "patch", "delete", "deletecollection"})
 
 
+def _list_key(obj: Json) -> list[str]:
+    """Where an object sorts in a list (the store's order: namespace, then name)."""
+    meta = obj["metadata"]
+    return [meta.get("namespace", ""), meta["name"]]
+
+
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
         body=json.dumps(obj, separators=(",", ":")).encode(),
@@ -257,15 +263,25 @@ class SandboxHandler(kmock.KubernetesScaffold):
         objects = self.store.items(res.store_key, namespace or None)
         if predicate is not None:
             objects = [obj for obj in objects if predicate(obj)]
-        meta: Json = {"resourceVersion": str(self.store.rv)}
-        limit = int(raw.query.get("limit") or 0)
+        # A paged list is one list: every page carries the resourceVersion of the first, and the next page starts
+        # after the last key served (not at an offset, which writes in between would shift). Objects are served as
+        # they are now, not as they were at that version, but a watch from that version replays every change
+        # since, so no change between the pages is lost (a later version for every page would lose them).
+        rv = self.store.rv
         token = raw.query.get("continue")
-        start = int(base64.urlsafe_b64decode(token.encode()).decode()) if token else 0
-        if limit > 0:
-            if start + limit < len(objects):
-                meta["continue"] = base64.urlsafe_b64encode(str(start + limit).encode()).decode()
-                meta["remainingItemCount"] = len(objects) - start - limit
-            objects = objects[start : start + limit]
+        if token:
+            try:
+                rv, after = json.loads(base64.urlsafe_b64decode(token.encode()))
+            except (ValueError, TypeError) as exc:
+                raise errors.bad_request(f"invalid continue token: {token!r}") from exc
+            objects = [obj for obj in objects if _list_key(obj) > after]
+        meta: Json = {"resourceVersion": str(rv)}
+        limit = int(raw.query.get("limit") or 0)
+        if 0 < limit < len(objects):
+            meta["remainingItemCount"] = len(objects) - limit
+            objects = objects[:limit]
+            last = json.dumps([rv, _list_key(objects[-1])]).encode()
+            meta["continue"] = base64.urlsafe_b64encode(last).decode()
         if tables.wants_table(raw.headers.get("Accept", "")):
             return json_response(
                 tables.table(res, objects, meta["resourceVersion"], raw.query.get("includeObject", ""), meta)
