@@ -166,6 +166,14 @@ class Worker:
             proc = subprocess.Popen([sys.executable, "-m", "gpujob.cli", "worker"], env=full, stdout=out, stderr=out)
         return proc, term, log
 
+    def dataset(self, name: str, rows: list[str]) -> dict[str, str]:
+        """Write rows as JSONL into the local store; the dataset param that names them."""
+        key = f"datasets/{name}.jsonl"
+        path = self.tmp / "store" / "gpujob" / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"text": row}) + "\n" for row in rows))
+        return {"s3Key": key}
+
     def run(self, job_type: str, params: dict[str, Any], job_id: str, timeout: float, **env: str) -> dict[str, Any]:
         proc, term, log = self.start(job_type, params, job_id, **env)
         started = time.monotonic()
@@ -199,7 +207,9 @@ def check_dtypes(table: Table, model: Path, quick: bool) -> None:
     from gpujob.worker.tasks.lora import LoraParams, LoraTrainer
 
     devices = select(None)
-    data = texts(64, 120)
+    # Enough tokens a step (32 x 512) that the matmuls, not Python and kernel launches, set the step time.
+    data = texts(64, 120) if quick or not CUDA else texts(64, 700)
+    batch, length = (8, 256) if quick or not CUDA else (32, 512)
     steps = 4 if quick or not CUDA else 20
     results = {}
     for dtype in ("float32", "bfloat16"):
@@ -207,7 +217,13 @@ def check_dtypes(table: Table, model: Path, quick: bool) -> None:
             table.add("step time bf16", "skipped", f"{devices.names[0]} has no bf16", None)
             continue
         params = LoraParams.model_validate(
-            {"baseModel": model.name, "dataset": {"text": data}, "batchSize": 8, "maxLength": 256, "dtype": dtype}
+            {
+                "baseModel": model.name,
+                "dataset": {"text": data},
+                "batchSize": batch,
+                "maxLength": length,
+                "dtype": dtype,
+            }
         )
         torch.manual_seed(0)
         trainer = LoraTrainer(model, params, iter(data), devices)
@@ -217,7 +233,8 @@ def check_dtypes(table: Table, model: Path, quick: bool) -> None:
             loss = float(trainer.step(step))  # a sync: the step is really done
             times.append(time.perf_counter() - started)
         results[dtype] = statistics.median(times[2:])
-        table.add(f"step time {dtype}", f"{1000 * results[dtype]:.1f} ms", f"median of {steps}, loss {loss:.3f}", None)
+        detail = f"median of {steps}, batch {batch} x {length} tokens, loss {loss:.3f}"
+        table.add(f"step time {dtype}", f"{1000 * results[dtype]:.1f} ms", detail, None)
         del trainer
         if CUDA:
             torch.cuda.empty_cache()
@@ -237,15 +254,16 @@ def check_oom(table: Table, worker: Worker, model: Path) -> None:
     free, _ = torch.cuda.mem_get_info()
     hog = torch.empty(max(0, free - 6 * GIB), dtype=torch.uint8, device=DEVICE)
     try:
-        data = texts(64, 900)  # ~1,000+ tokens a row
-        params = {"baseModel": model.name, "dataset": {"text": data}, "epochs": 1, "maxLength": 2048}
+        # The datasets go through the store as JSONL (inline they would pass the 128 KiB limit of one env var).
+        params = {"baseModel": model.name, "dataset": worker.dataset("oom-rows", texts(64, 900)), "epochs": 1}
+        params["maxLength"] = 2048  # ~1,000+ tokens a row
         fits = worker.run("train_lora", {**params, "batchSize": 64}, "oom-halved", 150)
         m = fits["result"].get("metrics", {})
         ok = fits["code"] == 0 and m.get("outOfMemoryRetries", 0) > 0
         detail = f"microBatch 64 -> {m.get('microBatch', '?'):.0f}" if m else fits["log"][-300:]
         table.add("OOM: micro-batch halved", f"exit {fits['code']}", detail, ok)
-        rows = texts(2, 30000)
-        big = {"baseModel": model.name, "dataset": {"text": rows}, "maxLength": 32768, "batchSize": 1}
+        big = {"baseModel": model.name, "dataset": worker.dataset("oom-long", texts(2, 30000)), "batchSize": 1}
+        big["maxLength"] = 32768
         fails = worker.run("train_lora", big, "oom-fatal", 150)
         error = fails["result"].get("error", fails["log"][-300:])
         ok = fails["code"] == 71 and "CUDA out of memory" in error and "peak" in error
