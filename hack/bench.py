@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""All benchmarks in one command (`make bench`): operator, intake + events, worker. Each runs in its own
+"""All benchmarks in one command (`make bench`): operator (emulator), operator vs the Job controller on the real
+control plane, intake + events, worker. Each runs in its own
 process, repeats its own measurements and reports median/min/max; this prints every headline figure in one
 table at the end (the benchmarks' own detailed output streams above it).
 
-    .venv/bin/python hack/bench.py [--quick] [--only operator,intake,worker]
+    .venv/bin/python hack/bench.py [--quick] [--only operator,kubernetes,intake,worker]
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ BENCHES = {
     "operator": (
         ["bench_operator.py"],
         ["bench_operator.py", "--burst", "300", "--steady-seconds", "3", "--resync", "2000"],
+    ),
+    "kubernetes": (
+        ["bench_kubernetes.py"],
+        ["bench_kubernetes.py", "--burst", "200", "--steady-seconds", "3", "--resync", "1000"],
     ),
     "intake": (["bench_intake.py"], ["bench_intake.py", "--requests", "2000"]),
     "worker": (["bench_worker.py", "--repeat", "3"], ["bench_worker.py", "--repeat", "1", "--epochs", "40"]),
