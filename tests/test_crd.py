@@ -156,8 +156,12 @@ def test_schema_is_structural() -> None:
 
 
 def test_every_field_has_a_description() -> None:
-    missing = [path or "<root>" for path, node in _walk(ROOT_SCHEMA) if not node.get("description")]
+    # metadata is the exception the apiserver makes: a CRD may not describe it (422 on the real control plane).
+    missing = [
+        path or "<root>" for path, node in _walk(ROOT_SCHEMA) if not node.get("description") and path != ".metadata"
+    ]
     assert missing == []
+    assert ROOT_SCHEMA["properties"]["metadata"] == {"type": "object"}
 
 
 def test_status_root_does_not_preserve_unknown_fields_but_keeps_kopf_bookkeeping() -> None:

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from gpujob.sandbox import errors, protobuf, selectors, tables
 from gpujob.sandbox.faults import Faults, RequestKey, RequestLog
-from gpujob.sandbox.objects import PATCH_TYPES, ObjectApi
+from gpujob.sandbox.objects import PATCH_TYPES, ObjectApi, now
 from gpujob.sandbox.openapi import OpenApi
 from gpujob.sandbox.resources import Registry, Resource
 from gpujob.sandbox.watching import serve_watch
@@ -313,6 +313,15 @@ class SandboxHandler(kmock.KubernetesScaffold):
 
     def _pod_action(self, res: Resource, namespace: str, name: str, sub: str | None, body: Any) -> Json:
         if sub == "eviction":
+            # As the real Eviction API (1.26+): the Pod is marked DisruptionTarget before it is deleted.
+            condition = {
+                "type": "DisruptionTarget",
+                "status": "True",
+                "reason": "EvictionByEvictionAPI",
+                "message": "Eviction API: evicting",
+                "lastTransitionTime": now(),
+            }
+            self.api.patch(res, namespace, name, {"status": {"conditions": [condition]}}, "strategic", "status")
             self.api.delete(res, namespace, name, (body or {}).get("deleteOptions") or {})
         elif sub == "binding":
             node = ((body or {}).get("target") or {}).get("name", "")

@@ -82,6 +82,7 @@ class ObjectApi:
             meta["name"] = meta["generateName"][:58] + "".join(random.choices(GENERATE_ALPHABET, k=5))
         name = meta.get("name") or ""
         self._check_name(res, name, body)
+        self._check_labels(res, name, body)
         if self.store.get(res.store_key, namespace if res.namespaced else "", name) is not None:
             raise errors.already_exists(res, name)
         body["apiVersion"], body["kind"] = res.group_version, res.kind
@@ -152,6 +153,7 @@ class ObjectApi:
         else:
             new = candidate
             new["metadata"] = meta = dict(candidate.get("metadata") or {})
+            self._check_labels(res, old_meta["name"], new)
             if res.has_status:
                 new.pop("status", None)
                 if "status" in old:
@@ -258,6 +260,13 @@ class ObjectApi:
                 raise errors.invalid(
                     res, name, [f'metadata.name: Invalid value: "{name}": must be spec.names.plural+"."+spec.group']
                 )
+            if problems := crd_metadata_schema_errors(spec):
+                raise errors.invalid(res, name, problems)
+
+    def _check_labels(self, res: Resource, name: str, body: Json) -> None:
+        problems = label_value_errors((body.get("metadata") or {}).get("labels") or {})
+        if problems:
+            raise errors.invalid(res, name, problems)
 
     def _prepare_create(self, res: Resource, body: Json) -> None:
         if res.store_key == ("", "pods"):
@@ -307,3 +316,46 @@ class ObjectApi:
                     res.store_key, {**obj, "metadata": {**obj["metadata"], "resourceVersion": self.store.next_rv()}}
                 )
         self.registry.remove_crd(group, plural)
+
+
+METADATA_SCHEMA_KEYS = frozenset({"type"})
+METADATA_SCHEMA_PROPERTIES = frozenset({"name", "generateName"})
+
+
+def crd_metadata_schema_errors(spec: Json) -> list[str]:
+    """The real apiserver's rule for `metadata` in a CRD's schema: only `type` (and restrictions on name and
+    generateName); a description there is refused too (found when the CRD met the real control plane)."""
+    problems = []
+    for index, version in enumerate(spec.get("versions") or []):
+        properties = ((version.get("schema") or {}).get("openAPIV3Schema") or {}).get("properties") or {}
+        metadata = properties.get("metadata")
+        if not isinstance(metadata, dict):
+            continue
+        extra = set(metadata) - METADATA_SCHEMA_KEYS - {"properties"}
+        extra |= set(metadata.get("properties") or {}) - METADATA_SCHEMA_PROPERTIES
+        if extra:
+            problems.append(
+                f"spec.validation.openAPIV3Schema.properties[metadata]: Forbidden: must not specify anything other "
+                f"than name and generateName, but metadata is implicitly specified (spec.versions[{index}])"
+            )
+    return problems
+
+
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+def label_value_errors(labels: Json) -> list[str]:
+    """metadata.labels values as the real apiserver checks them (found on the real control plane: the emulator
+    used to accept anything)."""
+    problems = []
+    for value in labels.values():
+        if not isinstance(value, str):
+            continue
+        if len(value.encode()) > 63:
+            problems.append(f'metadata.labels: Invalid value: "{value}": must be no more than 63 bytes')
+        elif not LABEL_VALUE.match(value):
+            problems.append(
+                f'metadata.labels: Invalid value: "{value}": a valid label must be an empty string or consist of '
+                "alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character"
+            )
+    return problems

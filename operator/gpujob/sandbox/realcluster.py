@@ -36,7 +36,7 @@ RESTRICTED = {
 
 class HttpError(Exception):
     def __init__(self, status: int, text: str) -> None:
-        super().__init__(f"HTTP {status}: {text[:400]}")
+        super().__init__(f"HTTP {status}: {text[:2000]}")
         self.status = status
 
 
