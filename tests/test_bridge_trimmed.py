@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 import redis
 
 from gpujob.bridge.events import async_client
@@ -34,11 +33,6 @@ def read_then_trim(r: redis.Redis, consumer: str) -> None:
     assert pending_ids(r) == ids  # trimming leaves the pending list alone: that is the consumer's job
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="intake.py: redis-py gives a trimmed entry's fields as {} (not None), so process_own_pending hands it to "
-    "handle_batch and it is dead-lettered as \"missing field 'job'\"; fix: `if not fields` / `if e[1]` (issue 20)",
-)
 async def test_own_pending_entries_trimmed_while_down_are_acked_on_restart(
     emulator: Any, redis_url: str, redis_client: redis.Redis, cluster: Cluster
 ) -> None:

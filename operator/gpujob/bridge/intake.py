@@ -228,11 +228,11 @@ class Bridge:
             read = [e for _, es in batch or [] for e in es]
             if not read:
                 return
-            gone = [entry_id for entry_id, fields in read if fields is None]  # trimmed/deleted while pending
+            gone = [entry_id for entry_id, fields in read if not fields]  # trimmed/deleted while pending
             if gone:
                 await self.client.xack(self.stream, self.group, *gone)
                 await self.client.hdel(self.failures_key, *gone)
-            await self.handle_batch([e for e in read if e[1] is not None], redelivered=True)
+            await self.handle_batch([e for e in read if e[1]], redelivered=True)
             start = read[-1][0]
 
     async def claim_abandoned(self) -> None:
@@ -242,7 +242,7 @@ class Bridge:
             result = await self.client.xautoclaim(
                 self.stream, self.group, self.consumer, self.settings.claim_idle_ms, cursor, count=100
             )
-            cursor, entries = result[0], [e for e in result[1] if e[1] is not None]
+            cursor, entries = result[0], [e for e in result[1] if e[1]]
             if entries:
                 log.info("claimed %d abandoned request(s)", len(entries))
                 await self.handle_batch(entries, redelivered=True)

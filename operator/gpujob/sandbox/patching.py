@@ -49,9 +49,19 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return result
 
 
+def _without_nulls(value: Any) -> Any:
+    """A patch value that lands where nothing was: its nulls delete nothing, so they are dropped (as the real
+    server does; a null kept would be stored, e.g. a `waiting: null` inside a new containerStatuses entry)."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return copy.deepcopy(value)
+
+
 def strategic_merge_patch(target: Any, patch: Any, field: str = "") -> Any:
     if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
+        return _without_nulls(patch)
     if patch.get("$patch") == "replace":
         return {k: copy.deepcopy(v) for k, v in patch.items() if k != "$patch"}
     if patch.get("$patch") == "delete":
@@ -66,8 +76,8 @@ def strategic_merge_patch(target: Any, patch: Any, field: str = "") -> Any:
             continue
         if value is None:
             result.pop(key, None)
-        elif isinstance(value, list) and key in MERGE_KEYS and isinstance(result.get(key), list):
-            result[key] = _merge_list_by_key(result[key], value, MERGE_KEYS[key])
+        elif isinstance(value, list) and key in MERGE_KEYS and isinstance(result.get(key), list | None):
+            result[key] = _merge_list_by_key(result.get(key) or [], value, MERGE_KEYS[key])
         elif isinstance(value, list) and key in MERGE_SETS and isinstance(result.get(key), list):
             result[key] = [*result[key], *(v for v in value if v not in result[key])]
         else:
