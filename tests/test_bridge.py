@@ -1,4 +1,4 @@
-"""The stream intake against a real redis-server and the API emulator over HTTP."""
+"""The stream intake against a real redis-server and each API backend (the emulator, a real control plane)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from gpujob.api.request import InvalidEntry, parse_entry
 from gpujob.bridge.intake import gpujob_body
 from gpujob.sandbox.procs import RedisServer
 from tests.support.bridge import bridge_settings, eventually, request, running_bridge
+from tests.support.kubernetes import ApiTarget
 from tests.support.operator import Cluster
 
 STREAM, GROUP, DEAD = "gpujobs:requests", "gpujob-operator", "gpujobs:requests:dead"
@@ -30,16 +31,16 @@ def pending(r: redis.Redis) -> int:
 
 def jobs(cluster: Cluster) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = cluster.custom.list_namespaced_custom_object(
-        "gpujob.dev", "v1alpha1", "default", "gpujobs"
+        "gpujob.dev", "v1alpha1", cluster.namespace, "gpujobs"
     )["items"]
     return items
 
 
 async def test_valid_request_becomes_a_gpujob_then_is_acked(
-    emulator: Any, redis_url: str, redis_client: redis.Redis, cluster: Cluster
+    api: ApiTarget, redis_url: str, redis_client: redis.Redis, cluster: Cluster
 ) -> None:
     entry_id = redis_client.xadd(STREAM, request("Order:42_lora", gpus=2, params={"epochs": 3}, priority="gpu-high"))
-    async with running_bridge(bridge_settings(redis_url)) as bridge:
+    async with running_bridge(bridge_settings(redis_url, namespace=api.namespace)) as bridge:
         job = await eventually(lambda: cluster.job(job_name("Order:42_lora")), what="the GpuJob")
         await eventually(lambda: pending(redis_client) == 0, what="the ack")
     assert job["spec"]["jobId"] == "Order:42_lora" and job["spec"]["gpus"] == 2
@@ -50,11 +51,11 @@ async def test_valid_request_becomes_a_gpujob_then_is_acked(
 
 
 async def test_duplicate_job_ids_make_one_gpujob(
-    emulator: Any, redis_url: str, redis_client: redis.Redis, cluster: Cluster
+    api: ApiTarget, redis_url: str, redis_client: redis.Redis, cluster: Cluster
 ) -> None:
     for epochs in (1, 2, 3):
         redis_client.xadd(STREAM, request("dup-1", params={"epochs": epochs}))
-    async with running_bridge(bridge_settings(redis_url)) as bridge:
+    async with running_bridge(bridge_settings(redis_url, namespace=api.namespace)) as bridge:
         await eventually(lambda: bridge.stats.requests_total["duplicate"] == 2, what="two duplicates")
     assert [j["metadata"]["name"] for j in jobs(cluster)] == ["dup-1"]
     assert jobs(cluster)[0]["spec"]["params"] == {"epochs": 1}  # the first request wins
@@ -62,7 +63,7 @@ async def test_duplicate_job_ids_make_one_gpujob(
 
 
 async def test_crash_between_create_and_ack_gives_exactly_one_gpujob(
-    emulator: Any, redis_url: str, redis_client: redis.Redis, cluster: Cluster
+    api: ApiTarget, redis_url: str, redis_client: redis.Redis, cluster: Cluster
 ) -> None:
     entry_id = redis_client.xadd(STREAM, request("crashy"))
     redis_client.xgroup_create(STREAM, GROUP, id="0")
@@ -70,31 +71,31 @@ async def test_crash_between_create_and_ack_gives_exactly_one_gpujob(
     # list, and the GpuJob.
     redis_client.xreadgroup(GROUP, "bridge-a", {STREAM: ">"})
     body = gpujob_body(parse_entry(request("crashy")).request, entry_id)  # type: ignore[arg-type]
-    cluster.custom.create_namespaced_custom_object("gpujob.dev", "v1alpha1", "default", "gpujobs", body)
-    async with running_bridge(bridge_settings(redis_url, consumer="bridge-a")) as bridge:
+    cluster.custom.create_namespaced_custom_object("gpujob.dev", "v1alpha1", cluster.namespace, "gpujobs", body)
+    async with running_bridge(bridge_settings(redis_url, namespace=api.namespace, consumer="bridge-a")) as bridge:
         await eventually(lambda: pending(redis_client) == 0, what="the pending entry to be acked")
     assert bridge.stats.requests_total["duplicate"] == 1
     assert [j["metadata"]["name"] for j in jobs(cluster)] == ["crashy"]
 
 
 async def test_entries_of_a_dead_consumer_are_claimed(
-    emulator: Any, redis_url: str, redis_client: redis.Redis, cluster: Cluster
+    api: ApiTarget, redis_url: str, redis_client: redis.Redis, cluster: Cluster
 ) -> None:
     redis_client.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
     redis_client.xadd(STREAM, request("orphan"))
     redis_client.xreadgroup(GROUP, "dead-replica", {STREAM: ">"})  # read, then the replica died
-    async with running_bridge(bridge_settings(redis_url, consumer="bridge-b")):
+    async with running_bridge(bridge_settings(redis_url, namespace=api.namespace, consumer="bridge-b")):
         await eventually(lambda: cluster.job("orphan"), what="the claimed request's GpuJob")
         await eventually(lambda: pending(redis_client) == 0, what="the ack")
 
 
 async def test_cancel_after_submit_in_one_batch_keeps_their_order(
-    emulator: Any, redis_url: str, redis_client: redis.Redis, cluster: Cluster
+    api: ApiTarget, redis_url: str, redis_client: redis.Redis, cluster: Cluster
 ) -> None:
     redis_client.xadd(STREAM, request("c-1"))
     redis_client.xadd(STREAM, {"job": json.dumps({"jobId": "c-1"}), "action": "cancel"})
     redis_client.xadd(STREAM, {"job": json.dumps({"jobId": "never-submitted"}), "action": "cancel"})
-    async with running_bridge(bridge_settings(redis_url)) as bridge:
+    async with running_bridge(bridge_settings(redis_url, namespace=api.namespace)) as bridge:
         await eventually(lambda: (cluster.job("c-1") or {}).get("spec", {}).get("cancel"), what="spec.cancel")
         await eventually(lambda: redis_client.xlen(DEAD) == 1, what="the unknown cancel dead-lettered")
     [(_, dead)] = redis_client.xrange(DEAD)
@@ -121,11 +122,11 @@ MALFORMED: list[tuple[dict[str, str], str]] = [
 
 
 async def test_malformed_entries_are_dead_lettered_with_reasons_and_the_bridge_goes_on(
-    emulator: Any, redis_url: str, redis_client: redis.Redis, cluster: Cluster
+    api: ApiTarget, redis_url: str, redis_client: redis.Redis, cluster: Cluster
 ) -> None:
     ids = [redis_client.xadd(STREAM, fields) for fields, _ in MALFORMED]
     redis_client.xadd(STREAM, request("after-the-garbage"))
-    async with running_bridge(bridge_settings(redis_url)):
+    async with running_bridge(bridge_settings(redis_url, namespace=api.namespace)):
         await eventually(lambda: cluster.job("after-the-garbage"), what="the valid request after the garbage")
         await eventually(lambda: redis_client.xlen(DEAD) == len(MALFORMED), what="every malformed entry dead-lettered")
         await eventually(lambda: pending(redis_client) == 0, what="everything acked")
@@ -139,20 +140,20 @@ async def test_malformed_entries_are_dead_lettered_with_reasons_and_the_bridge_g
 
 
 async def test_request_the_api_server_rejects_is_dead_lettered(
-    emulator: Any, redis_url: str, redis_client: redis.Redis
+    api: ApiTarget, redis_url: str, redis_client: redis.Redis
 ) -> None:
     redis_client.xadd(STREAM, request("elsewhere", namespace="no-such-namespace"))
-    async with running_bridge(bridge_settings(redis_url, bridge_namespaces=["*"])):
+    async with running_bridge(bridge_settings(redis_url, namespace=api.namespace, bridge_namespaces=["*"])):
         await eventually(lambda: redis_client.xlen(DEAD) == 1, what="the dead letter")
     [(_, dead)] = redis_client.xrange(DEAD)
     assert "rejected by the API server (404)" in dead["reason"]
 
 
 async def test_redis_restart_mid_run_the_bridge_recovers(
-    emulator: Any, redis_server: RedisServer, redis_url: str, redis_client: redis.Redis, cluster: Cluster
+    api: ApiTarget, redis_server: RedisServer, redis_url: str, redis_client: redis.Redis, cluster: Cluster
 ) -> None:
     redis_client.xadd(STREAM, request("before-restart"))
-    async with running_bridge(bridge_settings(redis_url)):
+    async with running_bridge(bridge_settings(redis_url, namespace=api.namespace)):
         await eventually(lambda: cluster.job("before-restart"), what="the first job")
         redis_server.restart()  # no persistence: the stream and the group are gone, as after a crash without AOF
         fresh = redis.Redis.from_url(redis_url, decode_responses=True)
@@ -206,11 +207,11 @@ def test_each_malformed_entry_is_invalid(fields: dict[str, str]) -> None:
 
 
 async def test_stream_requests_stay_in_the_allowed_namespaces(
-    emulator: Any, redis_url: str, redis_client: redis.Redis, cluster: Cluster
+    api: ApiTarget, redis_url: str, redis_client: redis.Redis, cluster: Cluster
 ) -> None:
     redis_client.xadd(STREAM, request("sneaky", namespace="kube-system"))
     redis_client.xadd(STREAM, request("fine"))
-    async with running_bridge(bridge_settings(redis_url)):
+    async with running_bridge(bridge_settings(redis_url, namespace=api.namespace)):
         await eventually(lambda: cluster.job("fine"), what="the request in the default namespace")
         await eventually(lambda: redis_client.xlen(DEAD) == 1, what="the other namespace refused")
     [(_, dead)] = redis_client.xrange(DEAD)
