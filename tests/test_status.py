@@ -396,3 +396,62 @@ def test_retry_is_never_early_though_status_times_have_whole_seconds() -> None:
     assert d.requeue_after is not None and d.requeue_after >= 1.0
     assert step(body, [], now + timedelta(seconds=1)).create_attempt is None
     assert step(body, [], T0 + timedelta(seconds=2)).create_attempt == 2
+
+
+def _lost(attempt: int, phase: str = "Running", reason: str = "DeletionByTaintManager") -> PodView:
+    """A Pod on a lost node as the real control plane leaves it: the taint manager marked it DisruptionTarget and
+    deleted it, and with no kubelet left it keeps its last phase (and a deletionTimestamp) indefinitely."""
+    return pod_view(
+        {
+            "metadata": {"name": f"j-{attempt}", "labels": {Label.ATTEMPT: str(attempt)},
+                         "deletionTimestamp": "2026-01-01T12:00:40Z", "creationTimestamp": "2026-01-01T12:00:00Z"},
+            "spec": {"nodeName": "gpu-1"},
+            "status": {
+                "phase": phase,
+                "conditions": [{"type": "DisruptionTarget", "status": "True", "reason": reason}],
+                "containerStatuses": [{"state": {"running": {"startedAt": "2026-01-01T12:00:01Z"}}}],
+            },
+        }
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("phase", ["Running", "Pending"])
+def test_pod_on_a_lost_node_counts_as_gone_and_its_new_attempt_is_not_a_failure(phase: str) -> None:
+    body = job({"retries": {"limit": 0}})
+    step(body, [])
+    step(body, [pod(1, "Running", node_name="gpu-1")])
+    lost = _lost(1, phase)
+    assert lost.lost and lost.deleting and lost.disruption == "DeletionByTaintManager"
+    d = step(body, [lost], T0 + timedelta(seconds=40))
+    assert d.create_attempt == 2 and d.status.attempts == 2 and d.status.failures == 0
+    assert d.status.phase is Phase.SCHEDULED and d.status.reason == Reason.EVICTED
+    assert "lost node gpu-1" in (d.status.message or "")
+    assert d.delete_pods == []  # already being deleted; the node finishes it when it comes back
+    # The lost Pod lingers beside the new attempt's: the new one is followed, the lost one left alone.
+    d = step(body, [lost, pod(2, "Running", node_name="gpu-2")], T0 + timedelta(seconds=45))
+    assert d.status.phase is Phase.RUNNING and d.status.pod_name == "j-2" and d.delete_pods == []
+    assert d.create_attempt is None
+
+
+def test_other_terminating_pods_are_still_awaited_before_the_next_attempt() -> None:
+    """Only the taint manager's mark means the node is gone: an evicted or preempted Pod still has a kubelet that
+    stops its process and reports its end, so the next attempt waits for that."""
+    for reason in ["EvictionByEvictionAPI", "PreemptionByScheduler"]:
+        body = job()
+        step(body, [])
+        step(body, [pod(1, "Running", node_name="gpu-1")])
+        terminating = _lost(1, "Running", reason)
+        assert not terminating.lost
+        d = step(body, [terminating])
+        assert d.create_attempt is None and d.status.phase is Phase.RUNNING
+
+
+def test_a_lost_pod_of_a_failed_attempt_does_not_hold_the_retry() -> None:
+    """The attempt failed (Pending past its timeout on a node whose kubelet died) and is Retrying; the taint
+    manager took the Pod before the operator's delete did: the retry need not wait for the node."""
+    body = job({"pendingTimeoutSeconds": 30, "retries": {"limit": 1, "backoffSeconds": 0}})
+    step(body, [])
+    step(body, [pod(1, "Pending", node_name="gpu-1")], T0 + timedelta(seconds=31))
+    assert body["status"]["phase"] == Phase.RETRYING
+    d = step(body, [_lost(1, "Pending")], T0 + timedelta(seconds=40))
+    assert d.create_attempt == 2 and d.status.failures == 1

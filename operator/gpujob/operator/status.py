@@ -25,6 +25,11 @@ EXTERNAL_POD_REASONS = frozenset({"Evicted", "Preempting", "Preempted", "Shutdow
 # The control plane marks a Pod it takes away (scheduler preemption, taint eviction, the Eviction API, Pod GC,
 # the kubelet's node-pressure eviction and node shutdown) with this condition; its status.reason may be unset.
 DISRUPTION_CONDITION = "DisruptionTarget"
+# The taint manager's reason: the Pod's node has been NotReady/unreachable past the Pod's toleration (its kubelet
+# is gone). Such a Pod keeps its last phase (Running) with a deletionTimestamp until the node comes back or is
+# deleted: nobody is left to report its end. Like the Job controller's podReplacementPolicy TerminatingOrFailed,
+# it counts as gone, so the next attempt need not wait for a node that may never return.
+LOST_NODE_DISRUPTION = "DeletionByTaintManager"
 # A container stopped by its Pod's deletion ends on SIGTERM (the worker saves a checkpoint and exits 143) or on
 # the SIGKILL after the grace period (137); a Pod deleted before its container ran has no exit code.
 KILLED_BY_DELETION = frozenset({None, 128 + 15, 128 + 9})
@@ -73,6 +78,12 @@ class PodView:
     @property
     def active(self) -> bool:
         return self.phase in {"Pending", "Running", "Unknown"} and not self.deleting
+
+    @property
+    def lost(self) -> bool:
+        """Being deleted by the taint manager because its node is lost: counted as gone (see
+        LOST_NODE_DISRUPTION), though its phase is still Pending/Running."""
+        return self.deleting and self.disruption == LOST_NODE_DISRUPTION and self.phase in ALIVE_POD_PHASES
 
 
 def pod_view(pod: dict[str, Any]) -> PodView:
@@ -219,8 +230,9 @@ def _finish(b: _Builder, phase: Phase, reason: str, message: str) -> None:
 
 def _start_attempt(b: _Builder, d: Decision, reason: str, message: str, pods: list[PodView]) -> bool:
     """Start the next attempt, unless a Pod of this job is still alive (even while terminating): never two
-    Pods of one job at once. Alive Pods are deleted; their deletion events bring us back here."""
-    alive = [p for p in pods if p.phase in ALIVE_POD_PHASES]
+    Pods of one job at once. Alive Pods are deleted; their deletion events bring us back here. A Pod on a lost
+    node (taken by the taint manager) is not waited for: its node, and with it the Pod's process, is gone."""
+    alive = [p for p in pods if p.phase in ALIVE_POD_PHASES and not p.lost]
     if alive:
         d.delete_pods += [p.name for p in alive if not p.deleting and p.name not in d.delete_pods]
         return False
@@ -364,7 +376,7 @@ def decide(body: dict[str, Any], pods: list[PodView], now: datetime, *, spec: Gp
         due = parse_time(b.status.next_attempt_time) or now
         if pod is not None and pod.active:
             d.delete_pods.append(pod.name)
-        elif pod is not None and pod.deleting:
+        elif pod is not None and pod.deleting and not pod.lost:
             pass  # wait until the failed attempt's Pod is gone: never two Pods of one job at once
         elif due <= now:
             _start_attempt(b, d, Reason.POD_CREATED, f"retrying after {b.status.failures} failed attempt(s)", pods)
@@ -388,6 +400,10 @@ def decide(body: dict[str, Any], pods: list[PodView], now: datetime, *, spec: Gp
 def _observe_pod(b: _Builder, d: Decision, spec: GpuJobSpec, pod: PodView, now: datetime, pods: list[PodView]) -> None:
     b.status.pod_name = pod.name
     b.status.node_name = pod.node_name or b.status.node_name
+    if pod.lost:  # its node is gone: a new attempt now, not the job's failure
+        where = f" on lost node {pod.node_name}" if pod.node_name else ""
+        _start_attempt(b, d, Reason.EVICTED, f"attempt {pod.attempt} evicted{where} ({pod.disruption})", pods)
+        return
     if pod.deleting and pod.phase not in {"Succeeded", "Failed"}:
         return  # being deleted from outside: the next attempt starts once it is gone
     if pod.phase == "Pending":
