@@ -29,6 +29,17 @@ def test_gpujob_becomes_gpu_pod_with_spec(operator: OperatorProcess, cluster: Cl
     assert status["attempts"] == 1 and status["podName"] == pod.metadata.name
 
 
+def test_any_valid_gpujob_name_gives_a_valid_pod(operator: OperatorProcess, cluster: Cluster) -> None:
+    # 253 characters with dots (a DNS subdomain), cut so that the Pod name would end a segment in '.'.
+    name = ("a" * 50 + ".") + "b" * 60 + "." + "c" * (253 - 112)
+    cluster.create_job(name, {"type": "train_lora"})
+    pod = cluster.wait_pod(name, 1)  # the API server accepted the Pod: name and every label valid
+    assert len(pod.metadata.name) <= 63 and ".-" not in pod.metadata.name
+    assert len(pod.metadata.labels[Label.JOB_NAME]) <= 63
+    assert pod.metadata.labels[Label.JOB_NAME] != name[:63]  # hashed, so two long names never share a label
+    assert cluster.wait_phase(name, Phase.SCHEDULED)["podName"] == pod.metadata.name
+
+
 def test_success_is_mirrored_into_status(operator: OperatorProcess, cluster: Cluster) -> None:
     cluster.create_job("ok", {"type": "render_video", "gpus": 0})
     pod = cluster.wait_pod("ok", 1)

@@ -22,6 +22,7 @@ import pytest
 from kubernetes import client
 
 from gpujob.api.constants import GROUP, PLURAL, VERSION, Label
+from gpujob.api.naming import label_value
 from gpujob.sandbox.procs import free_port, wait_for
 from tests.support.kubernetes import ApiTarget
 
@@ -153,7 +154,8 @@ class Cluster:
         self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
 
     def pods(self, job_name: str) -> list[Any]:
-        items = self.core.list_namespaced_pod(self.namespace, label_selector=f"{Label.JOB_NAME}={job_name}").items
+        selector = f"{Label.JOB_NAME}={label_value(job_name)}"
+        items = self.core.list_namespaced_pod(self.namespace, label_selector=selector).items
         return sorted(items, key=lambda p: int(p.metadata.labels[Label.ATTEMPT]))
 
     def wait_pod(self, job_name: str, attempt: int, timeout: float = 15.0) -> Any:

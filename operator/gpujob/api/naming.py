@@ -33,7 +33,9 @@ def pod_name(job_name: str, uid: str, attempt: int) -> str:
     """One Pod per attempt. The GpuJob's uid is in the name, so a GpuJob deleted and re-created
     under the same name never collides with a Pod of its previous life that is still terminating."""
     suffix = f"-{uid.replace('-', '')[:5]}-{attempt}"
-    return f"{job_name[: MAX_NAME - len(suffix)].rstrip('-')}{suffix}"
+    # A GpuJob name is a DNS subdomain (up to 253, dots allowed): the cut must not leave a segment ending in
+    # '.' or '-' before the suffix (the real apiserver refuses `a.-x`).
+    return f"{job_name[: MAX_NAME - len(suffix)].rstrip('-.')}{suffix}"
 
 
 def label_value(text: str) -> str:

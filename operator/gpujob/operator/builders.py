@@ -63,7 +63,7 @@ def job_id_of(ref: JobRef, spec: GpuJobSpec) -> str:
 def pod_labels(ref: JobRef, spec: GpuJobSpec, attempt: int) -> dict[str, str]:
     return {
         Label.JOB_ID: label_value(job_id_of(ref, spec)),
-        Label.JOB_NAME: ref.name,
+        Label.JOB_NAME: label_value(ref.name),  # a GpuJob name may be 253 long: a label value at most 63
         Label.TYPE: spec.type.value,
         Label.ATTEMPT: str(attempt),
         Label.MANAGED_BY: MANAGER,

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gpujob.api.constants import GROUP, PLURAL, VERSION, Label
-from gpujob.api.naming import job_name
+from gpujob.api.naming import job_name, label_value
 from gpujob.sandbox.procs import free_port, wait_for
 from gpujob.sandbox.realcluster import Rest
 from gpujob.settings import Settings
@@ -239,7 +239,7 @@ class LocalStack:
         return self.get(f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{job_name(job_id)}")
 
     def pods(self, job_id: str, namespace: str = "default") -> list[Json]:
-        selector = f"{Label.JOB_NAME}={job_name(job_id)}"
+        selector = f"{Label.JOB_NAME}={label_value(job_name(job_id))}"
         listing = self.get(f"/api/v1/namespaces/{namespace}/pods?labelSelector={urllib.parse.quote(selector)}")
         return list((listing or {}).get("items") or [])
 
