@@ -1,4 +1,4 @@
-"""The API emulator over real HTTP: each test proves one gap of plain kmock (TESTING.md) is fixed."""
+"""The API emulator over real HTTP: each test proves one gap of plain kmock (docs/testing.md) is fixed."""
 
 from __future__ import annotations
 

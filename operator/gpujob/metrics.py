@@ -4,7 +4,7 @@ Everything lives in one `Metrics` object with its own `CollectorRegistry` (never
 and several operators in one process stay apart. The module-level functions act on the default instance
 `METRICS` (whose registry is `REGISTRY`); the operator calls those.
 
-The job metrics named in ARCHITECTURE.md (`gpu_worker_*`) keep their names exactly; the SRE metrics are
+The job metrics named in docs/architecture.md (`gpu_worker_*`) keep their names exactly; the SRE metrics are
 `gpujob_*`. Live-job gauges (jobs by phase, pending age) and stream statistics are computed at scrape time by
 custom collectors, so they are never stale and need no background task.
 """

@@ -24,7 +24,7 @@ GPU_TAINT_KEY: Final = "nvidia.com/gpu"
 
 
 class Label(StrEnum):
-    """Labels on every job Pod (ARCHITECTURE.md: fixed names)."""
+    """Labels on every job Pod (docs/architecture.md: fixed names)."""
 
     JOB_ID = f"{GROUP}/job-id"
     JOB_NAME = f"{GROUP}/job-name"
@@ -46,7 +46,7 @@ class JobType(StrEnum):
     CUSTOM = "custom"
 
 
-# Artifact prefix per job type (ARCHITECTURE.md); custom jobs write under jobs/<jobId>/.
+# Artifact prefix per job type (docs/architecture.md); custom jobs write under jobs/<jobId>/.
 ARTIFACT_PREFIX: Final[dict[JobType, str]] = {
     JobType.TRAIN_LORA: "loras",
     JobType.TRAIN_VOICE: "voices",
