@@ -33,11 +33,11 @@ from typing import Any
 import redis.asyncio
 from kubernetes_asyncio import client
 
+from gpujob import kube
 from gpujob.api.constants import Label
 from gpujob.api.request import JobRequest
-from gpujob.bridge.events import EventPublisher, async_client, make_event
 from gpujob.bridge.intake import Bridge, gpujob_body
-from gpujob.operator import k8s
+from gpujob.events import EventPublisher, async_client, make_event
 from gpujob.sandbox import EmulatorThread
 from gpujob.sandbox.procs import RedisServer, free_port
 from gpujob.settings import Settings
@@ -76,7 +76,7 @@ async def raw_creates(ns: str, n: int, concurrency: int, prefix: str) -> float:
 
     async def worker() -> None:
         for body in queue:
-            await k8s.create_gpujob(ns, body)
+            await kube.create_gpujob(ns, body)
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -174,10 +174,10 @@ async def operator_latency(settings: Settings, kubeconfig: Path, jobs: int, work
     listener = asyncio.create_task(subscriber(async_client(settings), settings.progress_channel_prefix, seen))
     try:
         await wait_for(lambda: "operator started" in log.read_text(errors="replace"), 60, "the operator")
-        core: Any = client.CoreV1Api(await k8s.api_client())
+        core: Any = client.CoreV1Api(await kube.api_client())
         names = [f"lat-{i}" for i in range(jobs)]
         for name in names:
-            await k8s.create_gpujob("default", gpujob_body(JobRequest.model_validate_json(request_json(name)), "0-0"))
+            await kube.create_gpujob("default", gpujob_body(JobRequest.model_validate_json(request_json(name)), "0-0"))
 
         async def pods() -> dict[str, str]:
             listed = await core.list_namespaced_pod("default", label_selector=Label.JOB_NAME.value)
@@ -223,7 +223,7 @@ async def intake_round(
         settings = settings.model_copy(update={"namespace": namespace(emulator, "bench-bridge")})
         bridge_rate, outcomes = await bridge_run(settings, n)
         raw_after = await raw_creates(namespace(emulator, "bench-raw-2"), n, concurrency, "raw")
-        await k8s.close()
+        await kube.close()
     if outcomes != {"created": n}:
         raise RuntimeError(f"the bridge did not create every GpuJob: {outcomes}")
     ceiling = (raw_before + raw_after) / 2
@@ -261,7 +261,7 @@ async def main(args: argparse.Namespace) -> None:
                 kubeconfig = emulator.write_kubeconfig(workdir / "kubeconfig-latency")
                 os.environ["KUBECONFIG"] = str(kubeconfig)
                 lat = [s * 1000 for s in await operator_latency(settings, kubeconfig, args.latency_jobs, workdir)]
-                await k8s.close()
+                await kube.close()
             p99 = percentile(lat, 99)
             table += [
                 ("pod phase change -> subscriber p50", [percentile(lat, 50)], "ms", f"{len(lat)} events"),

@@ -15,11 +15,11 @@ import pytest
 import redis
 from aiohttp import web
 
+from gpujob import kube
 from gpujob.api.constants import GROUP, PLURAL, VERSION
 from gpujob.api.request import Entry
 from gpujob.bridge import intake
 from gpujob.bridge.intake import Bridge
-from gpujob.operator import k8s
 from gpujob.sandbox.kubeconfig import write_kubeconfig
 from tests.support.bridge import bridge_settings, eventually, request, running_bridge
 from tests.support.operator import Cluster
@@ -120,7 +120,7 @@ async def test_a_valid_entry_redelivered_past_the_limit_during_a_503_outage_is_c
 ) -> None:  # fmt: skip
     max_deliveries = 2
     async with Outage(emulator.url).serving() as outage:
-        await k8s.close()  # the bridge's API client is made afresh, from this kubeconfig
+        await kube.close()  # the bridge's API client is made afresh, from this kubeconfig
         monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(tmp_path / "through-proxy", outage.url)))
         entry_id = redis_client.xadd(STREAM, request("through-the-outage"))
         settings = bridge_settings(redis_url, max_deliveries=max_deliveries)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import redis
 
-from gpujob.bridge.events import SyncEventPublisher, make_event
+from gpujob.events import SyncEventPublisher, make_event
 from gpujob.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

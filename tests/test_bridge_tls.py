@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import redis
 
-from gpujob.bridge.events import SyncEventPublisher, make_event, sync_client
+from gpujob import kube
 from gpujob.bridge.intake import BridgeStats, run_bridge
-from gpujob.operator import k8s
+from gpujob.events import SyncEventPublisher, make_event, sync_client
 from gpujob.sandbox.procs import ManagedProcess, free_port, port_open, require_binary
 from gpujob.settings import Settings
 from tests.support.operator import Cluster
@@ -92,7 +92,7 @@ async def test_bridge_over_tls_as_an_acl_user(emulator: Any, tls_redis: TlsRedis
     finally:
         stop.set()
         await asyncio.wait_for(task, 15)
-        await k8s.close()
+        await kube.close()
     assert producer.xpending("gpujobs:requests", "gpujob-operator")["pending"] == 0
     producer.close()
 

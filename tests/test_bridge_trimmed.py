@@ -9,9 +9,9 @@ from typing import Any
 
 import redis
 
-from gpujob.bridge.events import async_client
+from gpujob import kube
 from gpujob.bridge.intake import Bridge
-from gpujob.operator import k8s
+from gpujob.events import async_client
 from tests.support.bridge import bridge_settings, eventually, request, running_bridge
 from tests.support.operator import Cluster
 
@@ -47,7 +47,7 @@ async def test_own_pending_entries_trimmed_while_down_are_acked_on_restart(
         await restarted.process_own_pending()
     finally:
         await client.aclose()
-        await k8s.close()
+        await kube.close()
     assert pending_ids(redis_client) == []
     assert cluster.job("kept-1") is not None
     assert cluster.job("trimmed-1") is None and cluster.job("trimmed-2") is None

@@ -15,7 +15,7 @@ import time
 import pytest
 import redis
 
-from gpujob.bridge.events import SyncEventPublisher, make_event
+from gpujob.events import SyncEventPublisher, make_event
 from gpujob.settings import Settings
 
 

@@ -17,7 +17,7 @@ import redis
 
 from gpujob.api.constants import Phase
 from gpujob.api.events import ProgressEvent
-from gpujob.bridge.events import SyncEventPublisher, make_event
+from gpujob.events import SyncEventPublisher, make_event
 from gpujob.settings import Settings
 from tests.support.operator import Cluster, wait_for
 

@@ -12,7 +12,7 @@ import redis
 from minio import Minio
 
 from gpujob.api import Artifact, ExitCode, JobType
-from gpujob.bridge.events import SyncEventPublisher
+from gpujob.events import SyncEventPublisher
 from gpujob.sandbox.s3_server import S3Server
 from gpujob.settings import Settings
 from gpujob.worker import BadInput, Task

@@ -8,7 +8,7 @@ import sys
 # sub-command -> "module:function"; each function takes argv (after the sub-command) and returns an exit code.
 COMMANDS: dict[str, tuple[str, str]] = {
     "operator": (
-        "gpujob.operator.main:main",
+        "gpujob.entrypoints:operator_main",
         "run the kopf operator (and the Redis bridge if GPUJOB_REDIS_URL is set)",
     ),
     "bridge": ("gpujob.bridge.cli:bridge_main", "run only the Redis Stream intake bridge"),

@@ -8,9 +8,9 @@ import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from gpujob.bridge.events import async_client
+from gpujob import kube
 from gpujob.bridge.intake import Bridge
-from gpujob.operator import k8s
+from gpujob.events import async_client
 from gpujob.settings import Settings
 
 
@@ -46,4 +46,4 @@ async def running_bridge(settings: Settings, kind: type[Bridge] = Bridge) -> Asy
         stop.set()
         await asyncio.wait_for(task, 15)
         await client.aclose()
-        await k8s.close()
+        await kube.close()

@@ -8,8 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class ProgressEvent(BaseModel):
-    """JSON event for the backend (README: the event contract). `status` is the lower-case phase; progress updates inside
-    an attempt are `running` events with a new `progress`."""
+    """JSON event for the backend (README: the event contract). `status` is the lower-case phase; progress updates
+    inside an attempt are `running` events with a new `progress`."""
 
     model_config = ConfigDict(extra="allow")
 

@@ -17,7 +17,7 @@ import yaml
 from gpujob.api.constants import Phase
 from gpujob.api.events import ProgressEvent
 from gpujob.api.request import ENTRY_ACTION, ENTRY_JOB, Action, parse_entry, request_schema
-from gpujob.bridge.events import async_client, sync_client
+from gpujob.events import async_client, sync_client
 from gpujob.logging import configure, register_secret
 from gpujob.settings import Settings, get_settings
 
@@ -40,8 +40,8 @@ def bridge_main(argv: list[str]) -> int:
 
 
 async def _run_bridge(settings: Settings) -> None:
+    from gpujob import kube
     from gpujob.bridge.intake import run_bridge
-    from gpujob.operator import k8s
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -50,7 +50,7 @@ async def _run_bridge(settings: Settings) -> None:
     try:
         await run_bridge(settings, stop)
     finally:
-        await k8s.close()
+        await kube.close()
 
 
 # --- gpujob submit

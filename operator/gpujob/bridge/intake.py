@@ -30,14 +30,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-from kubernetes_asyncio.client.exceptions import ApiException
 from redis.exceptions import RedisError, ResponseError
 
+from gpujob import kube
 from gpujob.api.constants import API_VERSION, KIND, Annotation, Label
 from gpujob.api.naming import job_name, label_value
 from gpujob.api.request import Action, Entry, InvalidEntry, JobRequest, parse_entry
-from gpujob.bridge.events import async_client
-from gpujob.operator import k8s
+from gpujob.events import async_client
+from gpujob.kube import ApiException
 from gpujob.settings import Settings
 
 log = logging.getLogger("gpujob.bridge")
@@ -202,7 +202,7 @@ class Bridge:
         delay = 0.5
         while not stop.is_set():
             try:
-                await k8s.ping()
+                await kube.ping()
                 return
             except Exception as exc:  # any failure means "not yet"
                 log.info("API server not reachable (%r); checking again in %.1fs", exc, delay)
@@ -353,19 +353,19 @@ class Bridge:
         name = job_name(entry.job_id)
         try:
             if entry.action is Action.CANCEL:
-                result = await k8s.patch_gpujob(namespace, name, {"spec": {"cancel": True}})
-                if result is k8s.Outcome.ABSENT:
+                result = await kube.patch_gpujob(namespace, name, {"spec": {"cancel": True}})
+                if result is kube.Outcome.ABSENT:
                     raise InvalidEntry(f"cancel: no GpuJob for jobId {entry.job_id!r} in namespace {namespace!r}")
                 return Outcome.CANCELLED
             assert isinstance(entry.request, JobRequest)
-            created = await k8s.create_gpujob(namespace, gpujob_body(entry.request, entry_id))
+            created = await kube.create_gpujob(namespace, gpujob_body(entry.request, entry_id))
         except ApiException as exc:
             if not _transient_api_error(exc):
                 raise InvalidEntry(_api_reason(exc)) from None
             raise Transient(f"API server answered {exc.status} for {entry.job_id!r}") from None
         except (OSError, TimeoutError, aiohttp.ClientError) as exc:
             raise Transient(f"API server unreachable: {exc!r}") from None
-        return Outcome.CREATED if created is k8s.Outcome.CREATED else Outcome.DUPLICATE
+        return Outcome.CREATED if created is kube.Outcome.CREATED else Outcome.DUPLICATE
 
     async def dead_letter(self, entry_id: str, fields: Fields, reason: str) -> str:
         dead = {**{str(k): v for k, v in fields.items()}, "reason": reason, "sourceId": entry_id,

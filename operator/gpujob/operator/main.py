@@ -1,4 +1,5 @@
-"""`gpujob operator`: run the kopf operator (plus the Redis bridge when GPUJOB_REDIS_URL is set)."""
+"""The kopf operator's run: arguments, logging, the Runtime and kopf. `gpujob operator` (gpujob.entrypoints) calls
+it with the services to run beside it (the Redis bridge when GPUJOB_REDIS_URL is set)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,15 @@ import argparse
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 
 import kopf
 
 from gpujob.logging import configure as configure_logging
 from gpujob.logging import register_secret
 from gpujob.operator.handlers import register
-from gpujob.operator.runtime import Runtime, pod_defaults
-from gpujob.settings import get_settings
+from gpujob.operator.runtime import RedisService, Runtime, pod_defaults
+from gpujob.settings import Settings, get_settings
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -25,7 +27,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], services: Callable[[Settings], dict[str, RedisService]] | None = None) -> int:
     args = parse_args(argv)
     settings = get_settings()
     if args.peering:
@@ -35,7 +37,12 @@ def main(argv: list[str]) -> int:
     # kopf reports every handled event at INFO; our reconciler logs what matters.
     logging.getLogger("kopf.objects").setLevel(max(logging.WARNING, logging.getLogger().level))
     namespaces: list[str] | None = args.namespace or None
-    runtime = Runtime(settings=settings, namespaces=namespaces, defaults=pod_defaults(settings, dict(os.environ)))
+    runtime = Runtime(
+        settings=settings,
+        namespaces=namespaces,
+        defaults=pod_defaults(settings, dict(os.environ)),
+        services=services(settings) if services is not None else {},
+    )
     registry = kopf.OperatorRegistry()
     register(registry, runtime)
     asyncio.run(_run(registry, runtime, namespaces, settings.peering))

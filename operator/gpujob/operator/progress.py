@@ -22,7 +22,7 @@ import redis.asyncio
 from gpujob.api.constants import Phase
 from gpujob.api.events import ProgressEvent
 from gpujob.api.models import GpuJobStatus, Progress
-from gpujob.bridge.events import AsyncPublisher, make_event
+from gpujob.events import AsyncPublisher, make_event
 from gpujob.operator.cache import JobKey, Store
 from gpujob.operator.status import Transition
 

@@ -17,11 +17,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from kubernetes_asyncio.client.exceptions import ApiException
-
+from gpujob import kube
 from gpujob.api.constants import Reason
 from gpujob.api.models import GpuJobSpec, GpuJobStatus
-from gpujob.operator import k8s
+from gpujob.kube import ApiException
 from gpujob.operator.builders import JobRef, PodDefaults, build_pod
 from gpujob.operator.cache import JobKey, Store
 from gpujob.operator.status import Decision, Transition, decide, fail_now, status_patch
@@ -116,7 +115,7 @@ class Reconciler:
             _short(exc),
             count,
             delay,
-            exc_info=not k8s.transient(exc) and not conflict,
+            exc_info=not kube.transient(exc) and not conflict,
         )
         self.trigger_soon(key, delay)
 
@@ -133,16 +132,16 @@ class Reconciler:
         vanished = (job.get("status") or {}).get("podName")
         if vanished and any(t.reason == Reason.POD_DELETED for t in decision.transitions):
             # The cache says the current attempt's Pod is gone; ask the API before starting over.
-            pod = await k8s.get_pod(key[0], vanished)
+            pod = await kube.get_pod(key[0], vanished)
             if pod is not None:
                 self.store.put_pod(pod)
                 decision = decide(job, self.store.pods_of(ref.uid), now, spec=spec)
         for name in decision.delete_pods:
-            await k8s.delete_pod(key[0], name)
+            await kube.delete_pod(key[0], name)
         if decision.create_attempt is not None and spec is not None:
             pod_body = build_pod(ref, spec, decision.create_attempt, self.defaults)
             try:
-                _, created = await k8s.create_pod(key[0], pod_body)
+                _, created = await kube.create_pod(key[0], pod_body)
             except ApiException as exc:
                 if exc.status not in (400, 403, 422):
                     raise
@@ -155,7 +154,7 @@ class Reconciler:
                 decision.status.pod_name = pod_body["metadata"]["name"]
         await self._write_status(key, job, decision)
         if decision.delete_job:
-            await k8s.delete_gpujob(*key)
+            await kube.delete_gpujob(*key)
         elif decision.requeue_after is not None:
             self.trigger_soon(key, decision.requeue_after)
 
@@ -164,10 +163,10 @@ class Reconciler:
         if not patch:
             return
         try:
-            stored = await k8s.patch_gpujob_status(*key, patch, job["metadata"].get("resourceVersion"))
+            stored = await kube.patch_gpujob_status(*key, patch, job["metadata"].get("resourceVersion"))
         except ApiException as exc:
             if exc.status == 409:  # someone wrote in between: decide again from the fresh object
-                fresh = await k8s.get_gpujob(*key)
+                fresh = await kube.get_gpujob(*key)
                 if fresh is not None:
                     self.store.put_job(fresh)
             raise

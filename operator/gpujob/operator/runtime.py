@@ -5,20 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio
 from aiohttp import web
 
-from gpujob import metrics
+from gpujob import kube, metrics
 from gpujob.api.constants import MANAGER, Label, Phase
 from gpujob.api.models import GpuJobStatus, Progress
-from gpujob.bridge.events import EventPublisher, async_client
-from gpujob.bridge.intake import Bridge
+from gpujob.events import EventPublisher, async_client
 from gpujob.gpu_efficiency import gpu_efficiency
-from gpujob.operator import k8s
 from gpujob.operator.builders import PodDefaults
 from gpujob.operator.cache import JobKey, Store
 from gpujob.operator.progress import EventForwarder, ProgressMirror
@@ -29,6 +27,10 @@ from gpujob.settings import Settings
 log = logging.getLogger("gpujob.runtime")
 
 POD_SELECTOR = f"{Label.MANAGED_BY}={MANAGER}"
+
+# A service the entry point hands in (the stream bridge): started with the shared Redis client once it is
+# connected, it runs until the event is set. The operator does not know what it is.
+RedisService = Callable[["redis.asyncio.Redis", asyncio.Event], Coroutine[Any, Any, None]]
 
 
 def pod_defaults(settings: Settings, environ: dict[str, str]) -> PodDefaults:
@@ -46,7 +48,7 @@ def pod_defaults(settings: Settings, environ: dict[str, str]) -> PodDefaults:
 
 
 async def write_progress(key: JobKey, progress: Progress) -> None:
-    await k8s.patch_gpujob(*key, {"status": {"progress": progress.wire()}}, status=True)
+    await kube.patch_gpujob(*key, {"status": {"progress": progress.wire()}}, status=True)
 
 
 @dataclass
@@ -60,7 +62,7 @@ class Runtime:
     forwarder: EventForwarder | None = None
     mirror: ProgressMirror | None = None
     http: web.AppRunner | None = None
-    bridge: Bridge | None = None
+    services: dict[str, RedisService] = field(default_factory=dict)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -81,11 +83,11 @@ class Runtime:
             self._tasks.remove(task)
 
     async def start(self) -> None:
-        metrics.add_readiness_check("kubernetes", k8s.ping)
+        metrics.add_readiness_check("kubernetes", kube.ping)
         self.http = await metrics.METRICS.start_http_server(self.settings.metrics_port)
         # Know every Pod before the first reconcile, so a Pod not yet seen is never taken for a deleted one.
         # Page by page (each page retried on its own), so 10,000 full Pod bodies are never held at once.
-        async for page in k8s.list_pods(self.namespaces, POD_SELECTOR):
+        async for page in kube.list_pods(self.namespaces, POD_SELECTOR):
             for pod in page:
                 self.store.put_pod(pod)
         if self.settings.redis_url is not None:
@@ -105,10 +107,8 @@ class Runtime:
                 ),
             )
             self.spawn("progress-mirror", self.mirror.run())
-            if self.settings.bridge:
-                self.bridge = Bridge(self.settings, self.redis)
-                metrics.register_stream_stats(lambda: self.bridge.stats if self.bridge else None)
-                self.spawn("bridge", self.bridge.run(self.stopping))
+            for name, service in self.services.items():
+                self.spawn(name, service(self.redis, self.stopping))
 
     async def stop(self) -> None:
         self.stopping.set()
@@ -123,7 +123,7 @@ class Runtime:
             await self.redis.aclose()
         if self.http is not None:
             await self.http.cleanup()
-        await k8s.close()
+        await kube.close()
 
     async def _redis_ping(self) -> bool:
         return self.redis is not None and bool(await self.redis.ping())
@@ -162,7 +162,7 @@ class Runtime:
         async def query() -> None:
             found = await gpu_efficiency(url, key[0], status.pod_name or "", start or end, end)
             if found:
-                await k8s.patch_gpujob(*key, {"status": {"metrics": {**status.metrics, **found}}}, status=True)
+                await kube.patch_gpujob(*key, {"status": {"metrics": {**status.metrics, **found}}}, status=True)
 
         self.spawn(f"gpu-efficiency-{key[1]}", query())
 

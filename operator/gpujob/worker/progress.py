@@ -14,7 +14,7 @@ from typing import Any
 import redis
 
 from gpujob.api import Phase
-from gpujob.bridge.events import SyncEventPublisher, make_event, sync_client
+from gpujob.events import SyncEventPublisher, make_event, sync_client
 from gpujob.logging import get_logger
 from gpujob.settings import Settings, get_settings
 

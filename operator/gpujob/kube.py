@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from aiohttp.helpers import get_env_proxy_for_url
 from kubernetes_asyncio import client, config
-from kubernetes_asyncio.client.exceptions import ApiException
+from kubernetes_asyncio.client.exceptions import ApiException as ApiException  # re-exported: only this module
 from yarl import URL
 
 from gpujob import __version__
