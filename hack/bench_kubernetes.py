@@ -103,19 +103,22 @@ class Cluster:
     async def watch_pods(self, kind: str, run: Run, expected: int, ready: asyncio.Event, timeout: float) -> None:
         ns = GJ_NS if kind == "gpujob" else JOB_NS
         label = "gpujob.dev/job-name" if kind == "gpujob" else "batch.kubernetes.io/job-name"
-        path = f"/api/v1/namespaces/{ns}/pods?watch=true&timeoutSeconds={int(timeout)}"
-        client_timeout = aiohttp.ClientTimeout(total=timeout + 5)
-        async with self.session.get(self.cp.url + path, ssl=self.ssl, timeout=client_timeout) as resp:
-            ready.set()
-            async for line in resp.content:
-                event = json.loads(line)
-                if event.get("type") != "ADDED":
-                    continue
-                job = (event["object"]["metadata"].get("labels") or {}).get(label, "")
-                if job in run.created or job.startswith(self.prefix):
-                    run.pod_seen.setdefault(job, time.monotonic())
-                if len([j for j in run.pod_seen if j.startswith(self.prefix)]) >= expected:
-                    return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:  # a watch the server ends early is started again (its ADDED replay)
+            left = max(1, int(deadline - time.monotonic()))
+            path = f"/api/v1/namespaces/{ns}/pods?watch=true&timeoutSeconds={left}"
+            client_timeout = aiohttp.ClientTimeout(total=left + 5)
+            async with self.session.get(self.cp.url + path, ssl=self.ssl, timeout=client_timeout) as resp:
+                ready.set()
+                async for line in resp.content:
+                    event = json.loads(line)
+                    if event.get("type") != "ADDED":
+                        continue
+                    job = (event["object"]["metadata"].get("labels") or {}).get(label, "")
+                    if job.startswith(self.prefix):
+                        run.pod_seen.setdefault(job, time.monotonic())
+                    if len([j for j in run.pod_seen if j.startswith(self.prefix)]) >= expected:
+                        return
 
     prefix = ""
 
@@ -128,7 +131,10 @@ class Cluster:
         names = [f"{prefix}{i:05d}" for i in range(count)]
         t0 = time.monotonic()
         await self.create_many(kind, names, run, rate=rate)
-        await asyncio.wait_for(watcher, 600)
+        await asyncio.wait_for(watcher, 660)
+        missing = [n for n in names if n not in run.pod_seen]
+        if missing:
+            raise RuntimeError(f"{len(missing)} of {count} Pods never seen (first: {missing[0]})")
         return run, t0, max(run.pod_seen[n] for n in names)
 
     async def count_pods(self, ns: str) -> int:
