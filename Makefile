@@ -20,7 +20,7 @@ help:
 	@echo "make kubernetes - build etcd and kube-apiserver/-controller-manager/-scheduler from Go modules (cached)"
 	@echo "make test   - set up and run lint, types and all tests"
 	@echo "make bench  - benchmarks (hack/bench.py)"
-	@echo "make chaos  - full-size chaos suite"
+	@echo "make chaos  - full-size chaos suite, on the emulator and on the real control plane (SEED=N replays)"
 
 setup: $(STAMP)/python $(STAMP)/apt $(BIN)/helm $(STAMP)/node
 
@@ -81,7 +81,7 @@ bench: setup
 	$(PY) hack/bench.py
 
 # SEED=N replays a run's plan (its seed is printed at the start and on failure); unset, a fresh seed is drawn.
-chaos: setup
+chaos: setup kubernetes
 	$(if $(SEED),CHAOS_SEED=$(SEED) )$(BIN)/pytest -q -ra -s -m chaos --chaos-size=full tests
 
 clean:
