@@ -169,15 +169,26 @@ def test_checkpoints_newest_wins_and_old_ones_are_pruned(s3_server: S3Server, s3
 def test_report_progress_helper_is_thread_safe() -> None:
     from gpujob.worker import progress
 
-    progress.set_current(ProgressReporter("j", 1, None))
-    threads = [threading.Thread(target=progress.report_progress, args=(i, "x")) for i in range(20)]
+    reporter = ProgressReporter("j", 1, None)
+    progress.set_current(reporter)
+    start = threading.Barrier(20)
+
+    def report(percent: int) -> None:
+        start.wait()  # all 20 threads report at once
+        progress.report_progress(percent, f"step {percent}")
+
+    threads = [threading.Thread(target=report, args=(i,)) for i in range(20)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert progress._current is not None
-    progress._current.close()
-    progress.set_current(None)
+    try:
+        # No report lost to a race: the high-water mark is the highest percent any thread sent.
+        assert reporter._high == 19.0
+        assert progress._current is reporter
+    finally:
+        reporter.close()
+        progress.set_current(None)
 
 
 def test_lora_params_model_is_exported() -> None:
