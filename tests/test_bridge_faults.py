@@ -259,6 +259,9 @@ def test_any_corpus_is_created_or_dead_lettered_with_a_reason_and_the_bridge_goe
 ) -> None:
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     r.flushall()
+    # Each example starts from no GpuJobs: an earlier example's job must not satisfy this one's checks.
+    cluster.custom.delete_collection_namespaced_custom_object("gpujob.dev", "v1alpha1", "default", "gpujobs")
+    assert cluster.custom.list_namespaced_custom_object("gpujob.dev", "v1alpha1", "default", "gpujobs")["items"] == []
     ids = [r.xadd(STREAM, fields) for fields in corpus]
     sentinel = f"sentinel-{uuid.uuid4().hex[:8]}"
     sentinel_id = r.xadd(STREAM, request(sentinel))
