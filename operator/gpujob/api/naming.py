@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
+from typing import Any
 
 MAX_NAME = 63  # a DNS-1123 label: also fits Pod hostnames and label values
 _HASH_LEN = 10
@@ -46,3 +48,9 @@ def label_value(text: str) -> str:
     cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-_.")
     prefix = cleaned[: MAX_NAME - _HASH_LEN - 1].rstrip("-_.")
     return f"{prefix}-{_digest(text)}" if prefix else _digest(text)
+
+
+def job_id_of(job: Mapping[str, Any]) -> str:
+    """A GpuJob body's jobId: `spec.jobId`, else its name (a kubectl-applied GpuJob may have none)."""
+    spec = job.get("spec") or {}
+    return str(spec.get("jobId") or (job.get("metadata") or {}).get("name", ""))

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpujob.api.constants import KIND
+from gpujob.api.naming import job_id_of
 from gpujob.operator.status import PodView, pod_view
 
 JobKey = tuple[str, str]  # (namespace, name)
@@ -73,7 +74,7 @@ class Store:
             or _newer(meta.get("resourceVersion"), held["metadata"].get("resourceVersion"))
         ):
             self.jobs[key] = job
-            self.by_job_id[job["spec"].get("jobId") or key[1]] = key
+            self.by_job_id[job_id_of(job)] = key
             self.by_uid[meta.get("uid", "")] = key
         return key
 
@@ -94,7 +95,7 @@ class Store:
             uid = job["metadata"].get("uid", "")
             self.pods.pop(uid, None)
             self.by_uid.pop(uid, None)
-            job_id = job["spec"].get("jobId") or key[1]
+            job_id = job_id_of(job)
             if self.by_job_id.get(job_id) == key:
                 del self.by_job_id[job_id]
 

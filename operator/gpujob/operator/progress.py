@@ -22,6 +22,7 @@ import redis.asyncio
 from gpujob.api.constants import Phase
 from gpujob.api.events import ProgressEvent
 from gpujob.api.models import GpuJobStatus, Progress
+from gpujob.api.naming import job_id_of
 from gpujob.events import AsyncPublisher, make_event
 from gpujob.operator.cache import JobKey, Store
 from gpujob.operator.status import Transition
@@ -34,7 +35,7 @@ EVENT_SOURCE = "operator"  # marks our own events, so the mirror never echoes th
 
 def transition_events(job: dict[str, Any], transitions: list[Transition], status: GpuJobStatus) -> list[ProgressEvent]:
     """The events of one status write: one per phase transition, in order (pure)."""
-    job_id = (job.get("spec") or {}).get("jobId") or job["metadata"]["name"]
+    job_id = job_id_of(job)
     percent = status.progress.percent if status.progress else 0.0
     events = []
     for t in transitions:

@@ -15,6 +15,7 @@ from aiohttp import web
 from gpujob import kube, metrics
 from gpujob.api.constants import MANAGER, Label, Phase
 from gpujob.api.models import GpuJobStatus, Progress
+from gpujob.api.naming import job_id_of
 from gpujob.events import EventPublisher, async_client
 from gpujob.gpu_efficiency import gpu_efficiency
 from gpujob.operator.builders import PodDefaults
@@ -134,7 +135,7 @@ class Runtime:
         created = parse_time(meta.get("creationTimestamp")) or utcnow()
         for t in transitions:
             metrics.record_transition(
-                job_id=spec.get("jobId") or meta["name"],
+                job_id=job_id_of(job),
                 namespace=meta.get("namespace", ""),
                 name=meta["name"],
                 job_type=str(spec.get("type", "")),
@@ -173,7 +174,7 @@ class Runtime:
         if event_type == "DELETED":
             held = self.store.job(key)
             if held is not None:
-                metrics.forget((held.get("spec") or {}).get("jobId") or key[1])
+                metrics.forget(job_id_of(held))
             self.store.drop_job(key)
             self.reconciler.forget(key)
             if self.mirror is not None:
@@ -203,7 +204,7 @@ class Runtime:
             return
         since = parse_time(status.get("startTime")) or parse_time(meta.get("creationTimestamp")) or utcnow()
         metrics.resync(
-            job_id=spec.get("jobId") or meta.get("name", ""),
+            job_id=job_id_of(body),
             namespace=meta.get("namespace", ""),
             name=meta.get("name", ""),
             job_type=str(spec.get("type", "")),
