@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from enum import StrEnum
 from functools import partial
 from typing import Any, TypeVar
 
+import aiohttp
 from aiohttp.helpers import get_env_proxy_for_url
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException as ApiException  # re-exported: only this module
@@ -18,6 +20,8 @@ from yarl import URL
 
 from gpujob import __version__
 from gpujob.api.constants import GROUP, MANAGER, PLURAL, VERSION
+
+log = logging.getLogger("gpujob.kube")
 
 T = TypeVar("T")
 
@@ -84,6 +88,33 @@ async def ping() -> bool:
     version: Any = client.VersionApi(await api_client())
     await version.get_code()
     return True
+
+
+async def served_resources(group_version: str) -> set[str]:
+    """The resource names the API server's discovery lists for `group_version` ("v1" is the core group);
+    empty while it does not serve it (yet)."""
+    api = await api_client()
+    path = "/api/v1" if group_version == "v1" else f"/apis/{group_version}"
+    try:
+        resp: Any = await api.call_api(path, "GET", auth_settings=["BearerToken"], _preload_content=False)
+        data = await _read(resp[0] if isinstance(resp, tuple) else resp)
+    except (ApiException, OSError, TimeoutError, aiohttp.ClientError):
+        return set()
+    return {str(r.get("name", "")) for r in data.get("resources") or []}
+
+
+async def wait_for_discovery(wanted: dict[str, str], cap: float = 5.0) -> None:
+    """Until discovery lists every {group/version: resource}. kopf resolves its resources once, from discovery,
+    when its watchers start; an API server that is coming back (a restart, an upgrade) can answer 403 on /api
+    or omit a CRD's group for a moment, and a namespaced kopf never looks again: wait here first."""
+    delay = 0.2
+    while True:
+        missing = [f"{gv}/{res}" for gv, res in wanted.items() if res not in await served_resources(gv)]
+        if not missing:
+            return
+        log.warning("waiting for the API server to serve %s", ", ".join(missing))
+        await asyncio.sleep(delay)
+        delay = min(cap, delay * 2)
 
 
 async def _read(resp: Any) -> dict[str, Any]:

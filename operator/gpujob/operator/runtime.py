@@ -13,7 +13,7 @@ import redis.asyncio
 from aiohttp import web
 
 from gpujob import kube, metrics
-from gpujob.api.constants import MANAGER, Label, Phase
+from gpujob.api.constants import GROUP, MANAGER, PLURAL, VERSION, Label, Phase
 from gpujob.api.models import GpuJobStatus, Progress
 from gpujob.api.naming import job_id_of
 from gpujob.events import EventPublisher, async_client
@@ -86,6 +86,8 @@ class Runtime:
     async def start(self) -> None:
         metrics.add_readiness_check("kubernetes", kube.ping)
         self.http = await metrics.METRICS.start_http_server(self.settings.metrics_port)
+        # Before kopf resolves its resources (its watchers start after this startup handler).
+        await kube.wait_for_discovery({"v1": "pods", f"{GROUP}/{VERSION}": PLURAL})
         # Know every Pod before the first reconcile, so a Pod not yet seen is never taken for a deleted one.
         # Page by page (each page retried on its own), so 10,000 full Pod bodies are never held at once.
         async for page in kube.list_pods(self.namespaces, POD_SELECTOR):

@@ -22,6 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from gpujob.sandbox.kubeclient import ApiError, KubeClient
 from gpujob.sandbox.podspec import ConfigError, container_env, expand, memory_limit, rewrite_paths
 
@@ -287,14 +289,24 @@ class PodRunner:
         return ""
 
     # --- status
-    async def _write(self, status: Json) -> bool:
-        if self._stop is not None and self._stop.gone:
-            return False
-        try:
-            return await self.client.patch_pod_status(self.namespace, self.name, status)
-        except (ApiError, OSError, TimeoutError) as exc:
-            log.warning("sandbox kubelet: status of pod %s/%s not written: %r", self.namespace, self.name, exc)
-            return False
+    async def _write(self, status: Json, *, final: bool = False) -> bool:
+        """Patch the Pod's status. A final (terminal) status is retried, as a kubelet's status manager does,
+        until the API server takes it or the Pod is gone: an API server restart must not leave a finished
+        Pod Running for ever. Progress writes are tried once (the next one supersedes them)."""
+        delay = 0.2
+        while True:
+            if self._stop is not None and self._stop.gone:
+                return False
+            try:
+                return await self.client.patch_pod_status(self.namespace, self.name, status)
+            except (ApiError, OSError, TimeoutError, aiohttp.ClientError) as exc:
+                if isinstance(exc, ApiError) and 400 <= exc.status < 500 and exc.status not in (408, 409, 429):
+                    final = False  # refused for good: retrying changes nothing
+                log.warning("sandbox kubelet: status of pod %s/%s not written: %r", self.namespace, self.name, exc)
+                if not final:
+                    return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     def _base_status(self, phase: str, ready: bool, state: Json, ready_reason: str | None = None) -> Json:
         now = now_iso()
@@ -350,7 +362,7 @@ class PodRunner:
         if pod_reason is not None:
             status.update(reason=pod_reason, message=DEADLINE_MESSAGE)
         log.info("sandbox kubelet: pod %s/%s %s (exit %d, %s)", self.namespace, self.name, phase, exit_code, reason)
-        await self._write(status)
+        await self._write(status, final=True)
         await self._complete_deletion()
 
     async def _finish_unstarted(self, reason: str, message: str, pod_reason: str | None = None) -> None:
@@ -358,11 +370,11 @@ class PodRunner:
         status = self._base_status("Failed", False, state, "PodCompleted")
         if pod_reason is not None:
             status.update(reason=pod_reason, message=message)
-        await self._write(status)
+        await self._write(status, final=True)
         await self._complete_deletion()
 
     async def _complete_deletion(self) -> None:
         """A Pod that is being deleted (and still exists, e.g. held by finalizers) is released at once."""
         if self._stop is not None and self._stop.reason == "deleted" and not self._stop.gone:
-            with contextlib.suppress(ApiError, OSError, TimeoutError):
+            with contextlib.suppress(ApiError, OSError, TimeoutError, aiohttp.ClientError):
                 await self.client.delete_pod_now(self.namespace, self.name, self.uid)
