@@ -160,6 +160,27 @@ async def with_retries(call: Callable[[], Awaitable[T]], attempts: int = 8, cap:
     raise AssertionError("unreachable")
 
 
+def message_of(exc: BaseException) -> str:
+    """The API server's message of a failed call (its Status body), else the HTTP reason."""
+    if not isinstance(exc, ApiException):
+        return str(exc)
+    try:
+        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
+    except (ValueError, AttributeError):
+        return str(exc.reason)
+
+
+def rejected_for_good(exc: BaseException) -> bool:
+    """Will the API server refuse this object whatever we wait for? 400 and 422 (invalid), and a 403 from
+    admission policy (Pod Security). Other 403s pass: RBAC that is not ready yet (an apiserver that has just
+    restarted refuses everyone for a moment: found by chaos), a quota that frees later (`exceeded quota`)."""
+    if not isinstance(exc, ApiException):
+        return False
+    if exc.status in (400, 422):
+        return True
+    return exc.status == 403 and "violates PodSecurity" in message_of(exc)
+
+
 def is_status(exc: BaseException, *codes: int) -> bool:
     return isinstance(exc, ApiException) and exc.status in codes
 

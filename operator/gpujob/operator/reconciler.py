@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -143,10 +142,10 @@ class Reconciler:
             try:
                 _, created = await kube.create_pod(key[0], pod_body)
             except ApiException as exc:
-                if exc.status not in (400, 403, 422):
-                    raise
-                # The API server will never accept this Pod (invalid, or forbidden by policy/quota).
-                decision = fail_now(job, Reason.INVALID_SPEC, f"Pod rejected: {_api_message(exc)}", now)
+                if not kube.rejected_for_good(exc):
+                    raise  # retried with back-off: transient, RBAC not ready, a quota that may free
+                # The API server will never accept this Pod (invalid, or forbidden by Pod Security).
+                decision = fail_now(job, Reason.INVALID_SPEC, f"Pod rejected: {kube.message_of(exc)}", now)
             else:
                 # Filed at once: the watch event may lag, and a missing Pod would look deleted.
                 if created is not None:
@@ -193,9 +192,3 @@ def _parse_spec(job: dict[str, Any]) -> GpuJobSpec | None:
     except ValueError:
         return None  # decide() reports it as InvalidSpec
 
-
-def _api_message(exc: ApiException) -> str:
-    try:
-        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
-    except ValueError:
-        return str(exc.reason)
