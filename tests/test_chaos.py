@@ -44,7 +44,6 @@ import yaml
 from kubernetes import client, config, watch
 
 from gpujob.api.constants import GROUP, MANAGER, PLURAL, VERSION, Label
-from gpujob.operator.reconciler import MAX_ERROR_RETRIES
 from gpujob.sandbox.kubeconfig import write_kubeconfig
 from gpujob.sandbox.procs import ManagedProcess, RedisServer, free_port, port_open, wait_for
 from gpujob.sandbox.realcluster import run_kubectl
@@ -60,6 +59,7 @@ LONG_JOBS = 4  # submitted before a node kill or drain, so that the node has run
 LONG_SLEEP = 8  # seconds a long job runs (each attempt)
 NODE_TIMEOUT = 150.0  # a lost node: NotReady after 15 s, eviction 10 s later, then new attempts elsewhere
 SEED_ENV = "CHAOS_SEED"
+RETRIES_IN_A_ROW = 8  # see invariant 5
 CALL_TIMEOUT = 60.0  # seconds an API call may take (a list of 2,000 GpuJobs takes ~1 s) before it counts as hung
 WATCH_SECONDS = 5  # the monitor's watches end after this, server side
 REDIS_TIMEOUT = 10.0
@@ -724,9 +724,10 @@ def run_chaos(tmp_path: Path, size: dict[str, int], seed: int, sandbox: Emulator
         assert len(sources) == len(set(sources)), "an entry was dead-lettered twice"
         assert set(sources) == junk_ids, [f["reason"] for _, f in dead if f["sourceId"] not in junk_ids][:5]
         assert len(junk_ids) >= malformed and all(f.get("reason") for _, f in dead)
-        # 5. no reconcile retried beyond its cap
+        # 5. the operator recovers: it never gives up on a job, and under these faults no reconcile needed more
+        # than a few retries in a row (more would mean a job stuck behind an error, not a fault riding out)
         retries = [int(n) for n in re.findall(r"; retry (\d+) in", operator.log.read_text(errors="replace"))]
-        assert max(retries, default=0) <= MAX_ERROR_RETRIES
+        assert max(retries, default=0) <= RETRIES_IN_A_ROW
         # 6. every job's events are in order, queued first and one terminal event last
         events: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for _, f in after.xrange("gpujobs:events"):

@@ -29,8 +29,10 @@ log = logging.getLogger("gpujob.reconciler")
 TransitionSink = Callable[[dict[str, Any], list[Transition], GpuJobStatus], Awaitable[None]]
 ErrorSink = Callable[[str], None]
 
-MAX_ERROR_RETRIES = 8  # then give up until the next watch event: 1+2+4+...+60 s ≈ 3 min of trying
-MAX_ERROR_DELAY = 60.0
+# A job is never abandoned: a failing reconcile is retried for as long as it fails, backing off exponentially up
+# to this cap (the Job controller's rate-limited queue does the same, capped at 1000 s); each failure counts in
+# gpujob_handler_errors_total{handler="reconcile"}.
+MAX_ERROR_DELAY = 300.0
 
 
 def utcnow() -> datetime:
@@ -69,6 +71,10 @@ class Reconciler:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def failing(self) -> int:
+        """Jobs whose last reconcile failed (each is retried with back-off until it succeeds)."""
+        return len(self._errors)
+
     def forget(self, key: JobKey) -> None:
         timer = self._timers.pop(key, None)
         if timer is not None:
@@ -101,12 +107,8 @@ class Reconciler:
         if self.on_error is not None:
             self.on_error("reconcile")
         conflict = isinstance(exc, ApiException) and exc.status == 409
-        if count > MAX_ERROR_RETRIES:
-            log.error("giving up on %s/%s after %d errors (next event retries): %s", *key, count - 1, exc)
-            self._errors.pop(key, None)
-            return
-        delay = 0.05 if conflict else min(MAX_ERROR_DELAY, 2.0 ** (count - 1))
-        level = logging.DEBUG if conflict else logging.WARNING
+        delay = 0.05 if conflict else min(MAX_ERROR_DELAY, 2.0 ** min(count - 1, 16))
+        level = logging.DEBUG if conflict else logging.WARNING if count < 8 else logging.ERROR
         log.log(
             level,
             "reconcile of %s/%s failed (%s); retry %d in %.1fs",
@@ -191,4 +193,3 @@ def _parse_spec(job: dict[str, Any]) -> GpuJobSpec | None:
         return GpuJobSpec.model_validate(job.get("spec") or {})
     except ValueError:
         return None  # decide() reports it as InvalidSpec
-

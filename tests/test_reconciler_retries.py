@@ -1,0 +1,47 @@
+"""The reconciler's error policy: a job whose reconcile keeps failing is retried with capped back-off for as
+long as it fails, never abandoned until some later event happens to touch it."""
+
+from __future__ import annotations
+
+import asyncio
+
+from gpujob.operator.builders import PodDefaults
+from gpujob.operator.cache import JobKey, Store
+from gpujob.operator.reconciler import MAX_ERROR_DELAY, Reconciler
+
+KEY: JobKey = ("default", "stuck")
+
+
+class FailingFor(Reconciler):
+    """A reconcile that fails the first `failures` times (the API answering 500s, say), then succeeds."""
+
+    failures = 12
+    calls = 0
+
+    async def _reconcile(self, key: JobKey) -> None:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise RuntimeError(f"API down (call {self.calls})")
+
+
+async def test_a_failing_job_is_retried_past_any_count_and_recovers() -> None:
+    errors: list[str] = []
+    reconciler = FailingFor(Store(), PodDefaults("img", ("gpujob", "worker")), on_error=errors.append)
+    delays: list[float] = []
+    original = reconciler.trigger_soon
+
+    def record(key: JobKey, delay: float) -> None:
+        delays.append(delay)
+        original(key, 0.0)  # the policy's delay is recorded; the test does not wait it out
+
+    reconciler.trigger_soon = record  # type: ignore[method-assign]
+    await reconciler.trigger(KEY)
+    for _ in range(200):
+        if reconciler.calls > reconciler.failures:
+            break
+        await asyncio.sleep(0.01)
+    await reconciler.close()
+    assert reconciler.calls == reconciler.failures + 1, "retried until it succeeded, past the old cap of 8"
+    assert len(errors) == reconciler.failures and reconciler.failing() == 0
+    assert delays == sorted(delays) and delays[0] == 1.0 and max(delays) <= MAX_ERROR_DELAY
+    assert delays[-1] == min(MAX_ERROR_DELAY, 2.0 ** (reconciler.failures - 1))
