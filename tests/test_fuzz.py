@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from gpujob.api.constants import Phase
 from gpujob.api.models import GpuJobSpec
 from gpujob.operator.builders import JobRef, PodDefaults, build_pod
-from gpujob.operator.status import ALIVE_POD_PHASES, PodView, decide
+from gpujob.operator.podview import ALIVE_POD_PHASES, PodView
+from gpujob.operator.status import decide
 
 K8S_VERSION = "1.37.0"
 REF = JobRef(namespace="ml", name="fuzz-job", uid="a3c1e2f0-1111-4222-8333-444455556666")

@@ -10,7 +10,9 @@ import pytest
 
 from gpujob.api.constants import ConditionType, Label, Phase, Reason
 from gpujob.api.models import GpuJobStatus
-from gpujob.operator.status import Decision, PodView, decide, iso, pod_view, set_condition, status_patch
+from gpujob.operator.conventions import iso, set_condition
+from gpujob.operator.podview import PodView, pod_view
+from gpujob.operator.status import Decision, decide, status_patch
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 

@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 import pytest
 
 from gpujob.api import ExitCode, Phase, Reason
-from gpujob.operator.status import PodView, decide
+from gpujob.operator.podview import PodView
+from gpujob.operator.status import decide
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 

@@ -79,6 +79,16 @@ class Phase(StrEnum):
 TERMINAL_PHASES: Final = frozenset({Phase.SUCCEEDED, Phase.FAILED, Phase.CANCELLED})
 
 
+class PodPhase(StrEnum):
+    """A Pod's status.phase, as the kubelet reports it."""
+
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    UNKNOWN = "Unknown"
+
+
 class ConditionType(StrEnum):
     SCHEDULED = "Scheduled"  # a Pod for the current attempt exists and is bound to a node
     RUNNING = "Running"

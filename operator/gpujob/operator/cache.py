@@ -12,7 +12,7 @@ from typing import Any
 
 from gpujob.api.constants import KIND
 from gpujob.api.naming import job_id_of
-from gpujob.operator.status import PodView, pod_view
+from gpujob.operator.podview import PodView, pod_view
 
 JobKey = tuple[str, str]  # (namespace, name)
 

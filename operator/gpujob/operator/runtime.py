@@ -20,9 +20,10 @@ from gpujob.events import EventPublisher, async_client
 from gpujob.gpu_efficiency import gpu_efficiency
 from gpujob.operator.builders import PodDefaults
 from gpujob.operator.cache import JobKey, Store
+from gpujob.operator.conventions import parse_time
 from gpujob.operator.progress import EventForwarder, ProgressMirror
 from gpujob.operator.reconciler import Reconciler, utcnow
-from gpujob.operator.status import Transition, parse_time
+from gpujob.operator.status import Transition
 from gpujob.settings import Settings
 
 log = logging.getLogger("gpujob.runtime")

@@ -9,130 +9,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
 
-from gpujob.api.constants import ConditionType, ExitCode, Label, Phase, Reason
-from gpujob.api.models import Artifact, Condition, GpuJobSpec, GpuJobStatus, Progress
-
-MESSAGE_LIMIT = 1024  # condition/status messages are truncated, as the Kubernetes conventions ask
-
-# Pod/container reasons that mean "not this job's fault": the Pod was taken away from outside.
-ALIVE_POD_PHASES = frozenset({"Pending", "Running", "Unknown"})  # a process may still be running
-EXTERNAL_POD_REASONS = frozenset({"Evicted", "Preempting", "Preempted", "Shutdown", "NodeShutdown", "Terminated"})
-# The control plane marks a Pod it takes away (scheduler preemption, taint eviction, the Eviction API, Pod GC,
-# the kubelet's node-pressure eviction and node shutdown) with this condition; its status.reason may be unset.
-DISRUPTION_CONDITION = "DisruptionTarget"
-# The taint manager's reason: the Pod's node has been NotReady/unreachable past the Pod's toleration (its kubelet
-# is gone). Such a Pod keeps its last phase (Running) with a deletionTimestamp until the node comes back or is
-# deleted: nobody is left to report its end. Like the Job controller's podReplacementPolicy TerminatingOrFailed,
-# it counts as gone, so the next attempt need not wait for a node that may never return.
-LOST_NODE_DISRUPTION = "DeletionByTaintManager"
-# A container stopped by its Pod's deletion ends on SIGTERM (the worker saves a checkpoint and exits 143) or on
-# the SIGKILL after the grace period (137); a Pod deleted before its container ran has no exit code.
-KILLED_BY_DELETION = frozenset({None, 128 + 15, 128 + 9})
-WAITING_REASONS = {
-    "ImagePullBackOff": Reason.IMAGE_PULL_BACKOFF,
-    "ErrImagePull": Reason.ERR_IMAGE_PULL,
-    "InvalidImageName": Reason.ERR_IMAGE_PULL,
-    "CreateContainerConfigError": Reason.CREATE_CONTAINER_CONFIG_ERROR,
-    "CreateContainerError": Reason.CREATE_CONTAINER_CONFIG_ERROR,
-}
-
-
-def iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def parse_time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
-def truncate(text: str, limit: int = MESSAGE_LIMIT) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-@dataclass(frozen=True)
-class PodView:
-    """What the status logic needs of a Pod (small: kept for every job in the operator's cache)."""
-
-    name: str
-    attempt: int
-    phase: str = "Pending"
-    created: datetime | None = None
-    deleting: bool = False
-    node_name: str | None = None
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    exit_code: int | None = None
-    reason: str | None = None  # the most specific reason: terminated/waiting container reason, pod reason
-    message: str | None = None
-    result: str | None = None  # the worker's termination message (JSON)
-    resource_version: str | None = None
-    disruption: str | None = None  # reason of a DisruptionTarget=True condition: taken away from outside
-
-    @property
-    def active(self) -> bool:
-        return self.phase in {"Pending", "Running", "Unknown"} and not self.deleting
-
-    @property
-    def lost(self) -> bool:
-        """Being deleted by the taint manager because its node is lost: counted as gone (see
-        LOST_NODE_DISRUPTION), though its phase is still Pending/Running."""
-        return self.deleting and self.disruption == LOST_NODE_DISRUPTION and self.phase in ALIVE_POD_PHASES
-
-
-def pod_view(pod: dict[str, Any]) -> PodView:
-    meta = pod.get("metadata") or {}
-    status = pod.get("status") or {}
-    spec = pod.get("spec") or {}
-    attempt = int((meta.get("labels") or {}).get(Label.ATTEMPT, "0") or 0)
-    reason, message = status.get("reason"), status.get("message")
-    exit_code = result = None
-    started = finished = None
-    for cs in status.get("containerStatuses") or []:
-        state = cs.get("state") or {}
-        if "terminated" in state:
-            term = state["terminated"]
-            exit_code, result = term.get("exitCode"), term.get("message")
-            reason = reason or term.get("reason")
-            message = message or (None if result else term.get("message"))
-            started, finished = parse_time(term.get("startedAt")), parse_time(term.get("finishedAt"))
-        elif "waiting" in state and state["waiting"].get("reason") in WAITING_REASONS:
-            reason, message = state["waiting"]["reason"], state["waiting"].get("message")
-        elif "running" in state:
-            started = parse_time(state["running"].get("startedAt"))
-    if status.get("phase", "Pending") == "Pending" and not reason:
-        for cond in status.get("conditions") or []:
-            if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
-                reason, message = cond.get("reason") or Reason.UNSCHEDULABLE, cond.get("message")
-    return PodView(
-        name=meta.get("name", ""),
-        attempt=attempt,
-        phase=status.get("phase") or "Pending",
-        created=parse_time(meta.get("creationTimestamp")),
-        deleting=bool(meta.get("deletionTimestamp")),
-        node_name=spec.get("nodeName"),
-        started_at=started or parse_time(status.get("startTime")),
-        finished_at=finished,
-        exit_code=exit_code,
-        reason=reason,
-        message=message,
-        result=result,
-        resource_version=meta.get("resourceVersion"),
-        disruption=next(
-            (
-                c.get("reason") or DISRUPTION_CONDITION
-                for c in status.get("conditions") or []
-                if c.get("type") == DISRUPTION_CONDITION and c.get("status") == "True"
-            ),
-            None,
-        ),
-    )
+from gpujob.api.constants import ConditionType, Phase, PodPhase, Reason
+from gpujob.api.models import Artifact, GpuJobSpec, GpuJobStatus, Progress
+from gpujob.operator import policy
+from gpujob.operator.conventions import iso, parse_time, set_condition, truncate
+from gpujob.operator.podview import ALIVE_POD_PHASES, WAITING_REASONS, PodView, failure_reason, taken_away
 
 
 @dataclass(frozen=True)
@@ -152,33 +38,6 @@ class Decision:
     requeue_after: float | None = None  # reconcile again after this many seconds
     delete_job: bool = False  # ttlSecondsAfterFinished elapsed
     transitions: list[Transition] = field(default_factory=list)
-
-
-def set_condition(
-    conditions: list[Condition],
-    ctype: ConditionType,
-    status: bool,
-    reason: str,
-    message: str,
-    now: datetime,
-    generation: int | None,
-) -> list[Condition]:
-    """Upsert one condition; lastTransitionTime changes only when its status flips."""
-    wanted = Condition(
-        type=ctype,
-        status="True" if status else "False",
-        reason=reason,
-        message=truncate(message),
-        last_transition_time=iso(now),
-        observed_generation=generation,
-    )
-    held = next((c for c in conditions if c.type == ctype), None)
-    if held is not None:
-        if held.model_dump(exclude={"last_transition_time"}) == wanted.model_dump(exclude={"last_transition_time"}):
-            return conditions
-        if held.status == wanted.status:
-            wanted.last_transition_time = held.last_transition_time
-    return [wanted if c.type == ctype else c for c in conditions] if held is not None else [*conditions, wanted]
 
 
 @dataclass
@@ -251,8 +110,8 @@ def _attempt_failed(b: _Builder, d: Decision, spec: GpuJobSpec, pod: PodView, re
     """The job's own failure: count it, then fail for good or schedule the next attempt after the back-off."""
     b.status.failures += 1
     b.status.exit_code = pod.exit_code
-    policy = spec.retries
-    if pod.exit_code is not None and pod.exit_code in policy.non_retryable_exit_codes:
+    retries = spec.retries
+    if pod.exit_code is not None and pod.exit_code in retries.non_retryable_exit_codes:
         _finish(
             b,
             Phase.FAILED,
@@ -261,62 +120,19 @@ def _attempt_failed(b: _Builder, d: Decision, spec: GpuJobSpec, pod: PodView, re
         )
     elif reason == Reason.DEADLINE_EXCEEDED:
         _finish(b, Phase.FAILED, reason, msg)
-    elif b.status.failures > policy.limit:
+    elif b.status.failures > retries.limit:
         _finish(
             b,
             Phase.FAILED,
             reason,
-            f"{msg}; retry limit {policy.limit} reached after {b.status.attempts} attempts",
+            f"{msg}; retry limit {retries.limit} reached after {b.status.attempts} attempts",
         )
     else:
-        delay = policy.backoff(b.status.failures)
-        due = b.now + timedelta(seconds=delay)
-        if due.microsecond:  # status times have whole seconds: round up, never retry early
-            due = due.replace(microsecond=0) + timedelta(seconds=1)
+        delay, due = policy.next_attempt(spec.retries, b.status.failures, b.now)
         b.status.next_attempt_time = iso(due)
         b.phase(Phase.RETRYING, reason, f"{msg}; attempt {b.status.attempts + 1} in {delay:g}s")
         b.cond(ConditionType.RUNNING, False, reason, msg)
         d.requeue_after = (due - b.now).total_seconds()
-
-
-# Worker exit codes with a reason of their own (the rest are `Error`).
-_EXIT_REASONS: dict[int, Reason] = {
-    ExitCode.OUT_OF_MEMORY: Reason.OUT_OF_MEMORY,
-    ExitCode.GPU_UNAVAILABLE: Reason.GPU_UNAVAILABLE,
-}
-
-
-def _taken_away(pod: PodView) -> str | None:
-    """Why a Failed Pod ended from outside (not the job's failure: the next attempt starts at once, uncounted),
-    or None when the job failed by itself."""
-    if pod.reason in EXTERNAL_POD_REASONS:
-        return pod.reason
-    if pod.disruption:
-        return pod.disruption
-    if pod.reason in {Reason.OOM_KILLED, Reason.DEADLINE_EXCEEDED}:
-        return None
-    if pod.deleting and pod.exit_code in KILLED_BY_DELETION:
-        return "deleted"  # kubectl delete pod: the kubelet reports the killed container's Failed phase first
-    return None
-
-
-def _failure_reason(pod: PodView) -> tuple[str, str]:
-    if pod.reason == Reason.DEADLINE_EXCEEDED:
-        return Reason.DEADLINE_EXCEEDED, pod.message or "attempt exceeded timeoutSeconds"
-    if pod.reason == Reason.OOM_KILLED:
-        return Reason.OOM_KILLED, f"attempt {pod.attempt} was OOM-killed (exit code {pod.exit_code})"
-    text = f"attempt {pod.attempt} failed with exit code {pod.exit_code}"
-    reason = _EXIT_REASONS.get(pod.exit_code, Reason.ERROR) if pod.exit_code is not None else Reason.ERROR
-    if pod.result and not pod.result.lstrip().startswith("{"):
-        text += f": {pod.result.strip()}"
-    else:
-        try:
-            error = json.loads(pod.result or "{}").get("error")
-        except (ValueError, AttributeError):
-            error = None
-        if error:
-            text += f": {error}"
-    return reason, text
 
 
 def decide(body: dict[str, Any], pods: list[PodView], now: datetime, *, spec: GpuJobSpec | None = None) -> Decision:
@@ -404,9 +220,9 @@ def _observe_pod(b: _Builder, d: Decision, spec: GpuJobSpec, pod: PodView, now: 
         where = f" on lost node {pod.node_name}" if pod.node_name else ""
         _start_attempt(b, d, Reason.EVICTED, f"attempt {pod.attempt} evicted{where} ({pod.disruption})", pods)
         return
-    if pod.deleting and pod.phase not in {"Succeeded", "Failed"}:
+    if pod.deleting and pod.phase not in {PodPhase.SUCCEEDED, PodPhase.FAILED}:
         return  # being deleted from outside: the next attempt starts once it is gone
-    if pod.phase == "Pending":
+    if pod.phase == PodPhase.PENDING:
         if pod.node_name:
             b.cond(ConditionType.SCHEDULED, True, Reason.POD_PENDING, f"bound to {pod.node_name}")
         reason: Reason | None = WAITING_REASONS.get(pod.reason or "", Reason.UNSCHEDULABLE if pod.reason else None)
@@ -424,25 +240,25 @@ def _observe_pod(b: _Builder, d: Decision, spec: GpuJobSpec, pod: PodView, now: 
             _attempt_failed(b, d, spec, pod, why, f"{msg} ({pod.message or why})")
         else:
             d.requeue_after = (deadline - now).total_seconds()
-    elif pod.phase == "Running":
+    elif pod.phase == PodPhase.RUNNING:
         b.status.start_time = b.status.start_time or iso(pod.started_at or now)
         b.cond(ConditionType.SCHEDULED, True, Reason.POD_RUNNING, f"running on {pod.node_name}")
         b.cond(ConditionType.RUNNING, True, Reason.POD_RUNNING, f"attempt {pod.attempt} running")
         b.phase(Phase.RUNNING, Reason.POD_RUNNING, f"attempt {pod.attempt} running on {pod.node_name}")
-    elif pod.phase == "Succeeded":
+    elif pod.phase == PodPhase.SUCCEEDED:
         b.status.start_time = b.status.start_time or iso(pod.started_at or now)
         b.status.exit_code = pod.exit_code if pod.exit_code is not None else 0
         b.status.artifacts, b.status.metrics = _result(pod)
         _finish(b, Phase.SUCCEEDED, Reason.SUCCEEDED, f"attempt {pod.attempt} succeeded")
         _ttl(spec, b.status, now, d)
-    elif pod.phase == "Failed":
-        if (taken := _taken_away(pod)) is not None:
+    elif pod.phase == PodPhase.FAILED:
+        if (taken := taken_away(pod)) is not None:
             if not pod.deleting:
                 d.delete_pods.append(pod.name)
             restart = Reason.POD_DELETED if taken == "deleted" else Reason.EVICTED
             _start_attempt(b, d, restart, f"attempt {pod.attempt} {taken}: {pod.message or ''}".rstrip(": "), pods)
             return
-        failure, message = _failure_reason(pod)
+        failure, message = failure_reason(pod)
         _attempt_failed(b, d, spec, pod, failure, message)
         if b.status.phase is Phase.FAILED:
             _ttl(spec, b.status, now, d)
