@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from gpujob.sandbox.realcluster import HttpError, Rest
-from tests.support.kubernetes import ApiTarget
+from tests.support.kubernetes import ApiTarget, restricted_container
 from tests.support.operator import wait_for
 
 CRD = Path(__file__).resolve().parents[1] / "crds" / "gpujob.yaml"
@@ -31,18 +31,7 @@ def rest(api: ApiTarget) -> Rest:
 
 
 def a_pod(name: str, **spec: Any) -> dict[str, Any]:
-    container = {
-        "name": "main",
-        "image": "local/none",
-        "command": ["true"],
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "runAsNonRoot": True,
-            "runAsUser": 10001,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-    }
+    container = restricted_container(["true"])
     # A nodeSelector no Node has: on the real control plane no node agent runs it.
     body = {"restartPolicy": "Never", "containers": [container], "nodeSelector": {"parity": "no-node"}, **spec}
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": body}

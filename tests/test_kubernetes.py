@@ -16,7 +16,7 @@ import pytest
 
 from gpujob.sandbox.controlplane import KUBERNETES_VERSION
 from gpujob.sandbox.realcluster import Rest, node_ready, run_kubectl
-from tests.support.kubernetes import KubeSession
+from tests.support.kubernetes import KubeSession, restricted_container
 from tests.support.operator import wait_for
 
 GPU = "nvidia.com/gpu"
@@ -40,18 +40,7 @@ def kubectl(session: KubeSession, *args: str, timeout: float = 60) -> subprocess
 
 def pod(name: str, script: str, *, gpus: int = 0, grace: int = 30, node: str | None = None) -> dict[str, Any]:
     """A Pod that passes the restricted Pod Security profile; its command runs as a local process."""
-    container: dict[str, Any] = {
-        "name": "main",
-        "image": "local/none:never-pulled",
-        "command": ["/bin/sh", "-c", script],
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "runAsNonRoot": True,
-            "runAsUser": 10001,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-    }
+    container = restricted_container(["/bin/sh", "-c", script])
     if gpus:
         container["resources"] = {"limits": {GPU: str(gpus)}}
     spec: dict[str, Any] = {

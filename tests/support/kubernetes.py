@@ -31,6 +31,23 @@ KUBERNETES_SLOWDOWN = 4.0
 RBAC_KINDS = {"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
 
 
+def restricted_container(command: list[str], image: str = "local/none:never-pulled") -> dict[str, Any]:
+    """A container that passes the `restricted` Pod Security profile (test namespaces enforce it); its command
+    runs as a local process on a node agent (images are never pulled)."""
+    return {
+        "name": "main",
+        "image": image,
+        "command": command,
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "runAsNonRoot": True,
+            "runAsUser": 10001,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+
+
 @dataclass
 class KubeSession:
     sandbox: KubernetesSandbox
