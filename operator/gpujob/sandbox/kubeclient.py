@@ -137,7 +137,7 @@ class KubeClient:
             await self.request("PATCH", f"/api/v1/nodes/{name}", {"metadata": node["metadata"]}, MERGE)
             await self.request("PATCH", f"/api/v1/nodes/{name}/status", {"status": node["status"]}, MERGE)
 
-    async def list_and_watch(self, path: str, timeout_seconds: int = 300) -> AsyncIterator[tuple[str, Json]]:
+    async def list_and_watch(self, path: str, timeout_seconds: int = 30) -> AsyncIterator[tuple[str, Json]]:
         """("SYNC", {"items": [...]}) after every (re-)list, then ("ADDED"|"MODIFIED"|"DELETED", obj) events.
         Re-lists on 410 Gone and on disconnects, forever; the caller reconciles its state on each SYNC."""
         backoff = 0.1
@@ -163,7 +163,8 @@ class KubeClient:
         sep = "&" if "?" in path else "?"
         url = f"{self.server}{path}{sep}watch=true&allowWatchBookmarks=true&resourceVersion={rv}"
         url += f"&timeoutSeconds={timeout_seconds}"
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.request_timeout)
+        # A stream silent past the server's own timeout is dead (seen after an etcd restart): drop it and go on.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.request_timeout, sock_read=timeout_seconds + 15)
         async with self.session.get(url, timeout=timeout) as resp:
             if resp.status == 410:
                 raise Gone()
