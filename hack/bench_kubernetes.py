@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "operator"))
 
 from gpujob.sandbox.controlplane import ControlPlane, bin_dir  # noqa: E402
-from gpujob.sandbox.realcluster import install_crds, prepare_namespace  # noqa: E402
+from gpujob.sandbox.realcluster import Rest, crd_files, install_crds, prepare_namespace  # noqa: E402
 
 GJ_NS, JOB_NS = "bench-gpujobs", "bench-jobs"
 OPERATOR_SA = ("gpujob-system", "gpujob-operator")
@@ -176,34 +176,19 @@ class Audit:
 
 def operator_kubeconfig(cp: ControlPlane, workdir: Path) -> Path:
     """The operator's own identity (a ServiceAccount token, cluster-admin here: RBAC is not what is measured)."""
-    import urllib.request
-
-    def call(method: str, path: str, body: Any) -> Any:
-        request = urllib.request.Request(
-            cp.url + path,
-            data=json.dumps(body).encode(),
-            method=method,
-            headers={"Authorization": f"Bearer {cp.token}", "Content-Type": "application/json"},
-        )
-        context = ssl.create_default_context(cafile=str(cp.serving_ca))
-        try:
-            with urllib.request.urlopen(request, context=context) as resp:
-                return json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            if exc.code != 409:
-                raise
-            return {}
-
+    rest = Rest(cp.kubeconfig)
     ns, name = OPERATOR_SA
-    call("POST", "/api/v1/namespaces", {"metadata": {"name": ns}})
-    call("POST", f"/api/v1/namespaces/{ns}/serviceaccounts", {"metadata": {"name": name}})
+    rest.create("/api/v1/namespaces", {"metadata": {"name": ns}})
+    rest.create(f"/api/v1/namespaces/{ns}/serviceaccounts", {"metadata": {"name": name}})
     binding = {
         "metadata": {"name": "bench-operator"},
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}],
     }
-    call("POST", "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings", binding)
-    token = call("POST", f"/api/v1/namespaces/{ns}/serviceaccounts/{name}/token", {"spec": {}})["status"]["token"]
+    rest.create("/apis/rbac.authorization.k8s.io/v1/clusterrolebindings", binding)
+    token = rest.request("POST", f"/api/v1/namespaces/{ns}/serviceaccounts/{name}/token", {"spec": {}})["status"][
+        "token"
+    ]
     from gpujob.sandbox.kubeconfig import write_kubeconfig
 
     return write_kubeconfig(
@@ -236,8 +221,6 @@ async def main(args: argparse.Namespace) -> None:
                 "",
             )
         )
-        from gpujob.sandbox.realcluster import Rest, crd_files
-
         rest = Rest(cp.kubeconfig)
         install_crds(rest, crd_files([REPO / "crds"]))
         for ns in (GJ_NS, JOB_NS):

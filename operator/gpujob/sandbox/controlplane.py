@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import ssl
 import subprocess
 import tempfile
@@ -272,22 +271,11 @@ class ControlPlane:
         time.sleep(down)
         self._start(name, timeout)
 
-    def kill(self, name: str) -> None:
-        process = self.processes[name]
-        if process.proc is not None:
-            process.proc.kill()
-            process.proc.wait()
-            process.proc = None
-
     def stop(self) -> None:
         for name in reversed(BINARIES):
             process = self.processes.pop(name, None)
             if process is not None:
                 process.stop()
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> Self:
         return self.start()

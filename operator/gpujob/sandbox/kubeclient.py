@@ -33,11 +33,6 @@ class Gone(Exception):
     """The watch's resourceVersion is too old (410): list again."""
 
 
-def server_of(kubeconfig: str | Path) -> str:
-    """The server URL of the current context of a kubeconfig."""
-    return read_kubeconfig(kubeconfig)[0]
-
-
 class KubeClient:
     def __init__(
         self, server: str, request_timeout: float = 15.0, *, token: str | None = None, ca_pem: bytes | None = None

@@ -12,7 +12,6 @@ import os
 import ssl
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -305,18 +304,6 @@ class KubernetesSandbox:
         self.stop()
 
 
-def kubectl_env(kubeconfig: Path) -> dict[str, str]:
-    return {**os.environ, "KUBECONFIG": str(kubeconfig), "KUBECTL_INTERACTIVE_DELETE": "false"}
-
-
-def wait_deleted(rest: Rest, path: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while rest.get(path) is not None:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} still exists after {timeout}s")
-        time.sleep(0.2)
-
-
 def run_kubectl(
     kubeconfig: Path, *args: str, input: str | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
@@ -328,6 +315,6 @@ def run_kubectl(
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=kubectl_env(kubeconfig),
+        env={**os.environ, "KUBECONFIG": str(kubeconfig), "KUBECTL_INTERACTIVE_DELETE": "false"},
         check=False,
     )
