@@ -748,9 +748,10 @@ def run_chaos(tmp_path: Path, size: dict[str, int], seed: int, sandbox: Emulator
         after.close()
         redis_server.stop()
     # Every traceback in the sandbox's log is an injected fault's (one injected fault must not excuse others).
-    tracebacks = [b.splitlines()[:60] for b in sandbox_log.split("Traceback (most recent call last):")[1:]]
-    uninjected = [t[-1] for t in tracebacks if not any("sandbox: injected" in line for line in t)]
+    uninjected = [t for t in map(traceback_of, sandbox_log.split("Traceback (most recent call last):")[1:])
+                  if "injected" not in t]  # fmt: skip
     assert not uninjected, f"tracebacks in the sandbox log that no injected fault explains: {uninjected[:3]}"
+
     assert sum(injected.values()) > 0, "no fault was injected: the run proved nothing"
     if real is not None:
         assert sorted(chaos.real_faults.elements()) == sorted(real_at.values())
@@ -777,3 +778,11 @@ def r_after(server: RedisServer) -> redis.Redis:
         except redis.BusyLoadingError:
             assert time.monotonic() < deadline, "Redis did not load its AOF within 30 s"
             time.sleep(0.1)
+
+
+def traceback_of(block: str) -> str:
+    """One logged traceback: its frames up to and including the exception line (the first unindented line;
+    anything after it is other log lines, interleaved)."""
+    lines = block.splitlines()[1:]
+    end = next((i for i, line in enumerate(lines) if line and not line[0].isspace()), len(lines) - 1)
+    return "\n".join(lines[: end + 1])

@@ -54,7 +54,12 @@ def test_phase_events_are_ordered_and_follow_the_contract(
     operator_factory({"GPUJOB_REDIS_URL": redis_url})
     events, _ = subscriber(redis_url, "ev-1")
     cluster.create_job("ev-1", {"type": "train_lora", "retries": {"limit": 1, "backoffSeconds": 0}})
-    cluster.run_pod("ev-1", 1, exit_code=1)
+    first = cluster.wait_pod("ev-1", 1).metadata.name
+    cluster.set_pod(first, "Running")
+    # The operator publishes the phases it sees: a Pod that is Running and Failed within one of its batching
+    # windows would (rightly) go from scheduled to retrying, so the test lets it see Running first.
+    cluster.wait_phase("ev-1", Phase.RUNNING)
+    cluster.set_pod(first, "Failed", exit_code=1)
     name = cluster.wait_pod("ev-1", 2).metadata.name
     cluster.set_pod(name, "Running")
     # The worker's own progress, published the way gpujob.worker does, lands between the operator's events.

@@ -99,8 +99,9 @@ class FaultProxy:
             if watching and resumes and self.faults.roll(self.faults.watch_gone_rate, plural, agent, "410"):
                 gone = status(410, "Expired", f"too old resource version: {query['resourceVersion']} (injected)")
                 response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
-                await response.prepare(request)
-                await response.write(json.dumps({"type": "ERROR", "object": gone}).encode() + b"\n")
+                with contextlib.suppress(aiohttp.ClientError, OSError):  # the client may be gone already
+                    await response.prepare(request)
+                    await response.write(json.dumps({"type": "ERROR", "object": gone}).encode() + b"\n")
                 return response
         return await self._forward(request, target[0] if target and watching else None, agent)
 
@@ -129,16 +130,19 @@ class FaultProxy:
                 request.method, self.upstream + request.rel_url.raw_path_qs, headers=headers, data=body or None
             )
         except (aiohttp.ClientError, OSError) as exc:
-            message = f"the apiserver is unavailable: {exc!r}"
-            return web.json_response(status(503, "ServiceUnavailable", message), status=503)
+            return unavailable(exc)
         async with upstream:
             out = {k: v for k, v in upstream.headers.items() if k.lower() not in DROP_RESPONSE}
             if watched is None or upstream.status != 200:
-                return web.Response(status=upstream.status, body=await upstream.read(), headers=out)
+                try:
+                    payload = await upstream.read()
+                except (aiohttp.ClientError, OSError) as exc:  # the apiserver went away mid-body (a restart)
+                    return unavailable(exc)
+                return web.Response(status=upstream.status, body=payload, headers=out)
             response = web.StreamResponse(status=200, headers=out)
-            await response.prepare(request)
             pending = b""
             try:
+                await response.prepare(request)
                 async for chunk in upstream.content.iter_any():
                     pending += chunk
                     *lines, pending = pending.split(b"\n")
@@ -147,8 +151,13 @@ class FaultProxy:
                         if self.faults.roll(self.faults.watch_cut_rate, watched, agent, "watch_cut"):
                             return response  # the client sees the stream end, as when a connection drops
             except (aiohttp.ClientError, OSError):
-                pass  # the apiserver went away mid-stream: end the stream here too
+                pass  # the apiserver or the client went away mid-stream: end the stream here too
             return response
+
+
+def unavailable(exc: BaseException) -> web.Response:
+    """What a load balancer answers while the apiserver behind it is down."""
+    return web.json_response(status(503, "ServiceUnavailable", f"the apiserver is unavailable: {exc!r}"), status=503)
 
 
 async def serve(upstream: str, ca_pem: str, port: int, faults: Faults) -> None:
