@@ -14,9 +14,10 @@ from prometheus_client import REGISTRY as GLOBAL_REGISTRY
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from gpujob import metrics
+from gpujob import health
 from gpujob.api.constants import JobType, Phase, Reason
-from gpujob.metrics import Metrics, StreamStatsSnapshot, bound_port
+from gpujob.health import Health, bound_port
+from gpujob.metrics import Metrics, StreamStatsSnapshot
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 LORA = JobType.TRAIN_LORA.value
@@ -51,6 +52,7 @@ class Scrape:
 @dataclass
 class Endpoint:
     metrics: Metrics
+    health: Health
     clock: Clock
     url: str
     session: aiohttp.ClientSession
@@ -97,10 +99,11 @@ class Endpoint:
 
 
 async def _serve(m: Metrics, clock: Clock) -> AsyncIterator[Endpoint]:
-    runner = await m.start_http_server(0, "127.0.0.1")
+    h = Health()
+    runner = await health.serve(h, m.registry, 0, "127.0.0.1")
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-            yield Endpoint(m, clock, f"http://127.0.0.1:{bound_port(runner)}", session)
+            yield Endpoint(m, h, clock, f"http://127.0.0.1:{bound_port(runner)}", session)
     finally:
         await runner.cleanup()
 
@@ -334,8 +337,8 @@ async def test_healthz_and_readiness_flips(endpoint: Endpoint) -> None:
             raise ConnectionError("connection refused")
         return True
 
-    ep.metrics.add_readiness_check("kubernetes", kubernetes)
-    ep.metrics.add_readiness_check("redis", redis)
+    ep.health.add_readiness_check("kubernetes", kubernetes)
+    ep.health.add_readiness_check("redis", redis)
     assert await ep.get_json("/readyz") == (200, {"ready": True, "checks": {"kubernetes": True, "redis": True}})
     state["redis"] = False
     assert await ep.get_json("/readyz") == (503, {"ready": False, "checks": {"kubernetes": True, "redis": False}})
@@ -348,14 +351,14 @@ async def test_healthz_and_readiness_flips(endpoint: Endpoint) -> None:
 
 
 async def test_a_hanging_check_is_not_ready(endpoint: Endpoint) -> None:
-    endpoint.metrics.readiness_timeout = 0.2
+    endpoint.health.readiness_timeout = 0.2
     release = asyncio.Event()
 
     async def hangs() -> bool:
         await release.wait()
         return True
 
-    endpoint.metrics.add_readiness_check("kubernetes", hangs)
+    endpoint.health.add_readiness_check("kubernetes", hangs)
     assert await endpoint.get_json("/readyz") == (503, {"ready": False, "checks": {"kubernetes": False}})
     release.set()
     assert (await endpoint.get_json("/readyz"))[0] == 200
@@ -366,26 +369,27 @@ async def test_instances_are_separate_and_not_global() -> None:
     a.handler_error("x")
     assert a.registry.get_sample_value("gpujob_handler_errors_total", {"handler": "x"}) == 1
     assert b.registry.get_sample_value("gpujob_handler_errors_total", {"handler": "x"}) is None
-    assert isinstance(metrics.REGISTRY, CollectorRegistry) and metrics.REGISTRY is not GLOBAL_REGISTRY
+    assert isinstance(a.registry, CollectorRegistry) and a.registry is not GLOBAL_REGISTRY
     assert GLOBAL_REGISTRY.get_sample_value("gpu_worker_jobs_total", {"type": LORA, "status": "failed"}) is None
 
 
-async def test_module_level_functions_and_server() -> None:
-    """The interface the operator uses: module functions on the default instance and its registry."""
-    job = "module-level-job"
-    metrics.record_transition(
+async def test_one_server_for_metrics_and_health() -> None:
+    """The server the operator runs: one injected Metrics (no module-level instance) and one Health, on one port."""
+    m, h = Metrics(), Health()
+    job = "one-server-job"
+    m.record_transition(
         job_id=job, namespace="ml", name=job, job_type=LORA, old=None, new=Phase.QUEUED, reason=None,
         created_at=T0, transition_at=T0, started_at=None,
     )  # fmt: skip
-    metrics.record_progress(job_id=job, job_type=LORA, percent=33)
-    metrics.handler_error("module-level")
-    metrics.register_stream_stats(lambda: StreamStatsSnapshot(lag=1, pending=0))
+    m.record_progress(job_id=job, job_type=LORA, percent=33)
+    m.handler_error("one-server")
+    m.register_stream_stats(lambda: StreamStatsSnapshot(lag=1, pending=0))
 
     async def ok() -> bool:
         return True
 
-    metrics.add_readiness_check("kubernetes", ok)
-    runner = await metrics.start_http_server(0, "127.0.0.1")
+    h.add_readiness_check("kubernetes", ok)
+    runner = await health.serve(h, m.registry, 0, "127.0.0.1")
     try:
         url = f"http://127.0.0.1:{bound_port(runner)}"
         async with aiohttp.ClientSession() as session:
@@ -393,15 +397,17 @@ async def test_module_level_functions_and_server() -> None:
                 text = await response.text()
             async with session.get(f"{url}/readyz") as response:
                 assert response.status == 200
+            h.remove_readiness_check("kubernetes")
+            h.add_readiness_check("watchers", lambda: asyncio.sleep(0, result=False))
+            async with session.get(f"{url}/readyz") as response:
+                assert response.status == 503
         assert f'gpu_worker_progress_percent{{job_id="{job}",type="{LORA}"}} 33.0' in text
-        assert 'gpujob_handler_errors_total{handler="module-level"} 1.0' in text
+        assert 'gpujob_handler_errors_total{handler="one-server"} 1.0' in text
         assert "gpujob_stream_lag 1.0" in text
     finally:
         await runner.cleanup()
-        metrics.forget(job)
-        metrics.register_stream_stats(None)
-        metrics.remove_readiness_check("kubernetes")
-    assert metrics.REGISTRY.get_sample_value("gpu_worker_progress_percent", {"job_id": job, "type": LORA}) is None
+    m.forget(job)
+    assert m.registry.get_sample_value("gpu_worker_progress_percent", {"job_id": job, "type": LORA}) is None
 
 
 def exported_sample_names(registry: CollectorRegistry) -> set[str]:
@@ -459,3 +465,36 @@ def test_every_family_is_exported_once_exercised() -> None:
         "gpujob_operator_info",
     ]:
         assert name in names, name
+
+
+async def test_readiness_follows_the_operator_watchers() -> None:
+    """The operator's `kubernetes` check is ready only while kopf's watchers run (a live `watcher for ...` task
+    per resource), after start-up succeeded and before stop: never while start-up is still being retried."""
+    from gpujob.operator.runtime import Runtime, pod_defaults
+    from gpujob.settings import Settings
+
+    settings = Settings()
+    runtime = Runtime(settings, None, pod_defaults(settings, {}), Metrics(), Health())
+    assert not runtime.watching()
+    runtime.started.set()  # kopf's ready flag: start-up succeeded, watchers about to start
+    assert not runtime.watching()
+
+    async def watch() -> None:
+        await asyncio.Event().wait()
+
+    pods = asyncio.create_task(watch(), name="watcher for pods.v1@default")
+    jobs = asyncio.create_task(watch(), name="watcher for gpujobs.v1alpha1.gpujob.dev@default")
+    await asyncio.sleep(0)
+    assert runtime.watching()
+    pods.cancel()
+    await asyncio.gather(pods, return_exceptions=True)
+    assert not runtime.watching()  # one watcher gone: not ready
+    pods = asyncio.create_task(watch(), name="watcher for pods.v1@default")
+    await asyncio.sleep(0)
+    assert runtime.watching()
+    runtime.stopping.set()
+    assert not runtime.watching()
+    for task in (pods, jobs):
+        task.cancel()
+    await asyncio.gather(pods, jobs, return_exceptions=True)
+    await runtime.reconciler.close()

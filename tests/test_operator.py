@@ -240,3 +240,42 @@ def test_operator_starts_and_works_while_the_api_throttles_it(
     cluster.run_pod("throttled", 1)
     cluster.wait_phase("throttled", Phase.SUCCEEDED)
     assert emulator.thread.emulator.faults.injected["429"] > 0, "the run was throttled"
+
+
+def test_a_failed_start_up_list_is_retried_and_readiness_waits_for_the_watchers(
+    operator_factory: Any, cluster: Cluster, emulator: Any
+) -> None:
+    # Regression (issue 12 item 11): a start-up Pod list that failed (a 403 while RBAC settles) failed kopf's
+    # startup handler, whose retry (60 s later) bound the metrics port again (EADDRINUSE) and failed for good,
+    # while /healthz and /readyz stayed green and no watcher ran.
+    import urllib.error
+    import urllib.request
+
+    def get(op: OperatorProcess, path: str) -> tuple[int, Any]:
+        try:
+            with urllib.request.urlopen(f"{op.metrics_url}{path}", timeout=5) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def answers(op: OperatorProcess, path: str) -> tuple[int, Any] | None:
+        try:
+            return get(op, path)
+        except OSError:  # not listening yet
+            return None
+
+    emulator.set_faults(error_403_rate=1.0, resources=["pods"], agents=["gpujob-operator"])
+    op = operator_factory(run=False).start(wait=False)
+    assert wait_for(lambda: answers(op, "/healthz"), what="/healthz") == (200, {"alive": True})
+    wait_for(lambda: emulator.thread.emulator.faults.injected["403"] >= 2, what="the start-up list retried")
+    assert get(op, "/readyz") == (503, {"ready": False, "checks": {"kubernetes": False}})
+    assert "operator started" not in op.logs()
+
+    emulator.set_faults(error_403_rate=0.0)
+    op.wait_started()
+    wait_for(lambda: get(op, "/readyz")[0] == 200, what="/readyz once the watchers run")
+    cluster.create_job("after-403", {"type": "train_lora"})
+    cluster.run_pod("after-403", 1)
+    cluster.wait_phase("after-403", Phase.SUCCEEDED)
+    logs = op.logs().lower()
+    assert "address already in use" not in logs and "eaddrinuse" not in logs

@@ -1,6 +1,7 @@
 """Entry points that compose the independent parts: `gpujob operator` is the kopf operator plus, when Redis is
 configured and the bridge is on, the stream bridge as one of its services. The operator package never imports
-the bridge (import-linter checks it); this module is the one place they meet."""
+the bridge (import-linter checks it); this module is the one place they meet, and where the process's one
+`Metrics` and `Health` are built and handed to whoever reports to them."""
 
 from __future__ import annotations
 
@@ -8,26 +9,32 @@ import asyncio
 
 import redis.asyncio
 
-from gpujob import metrics
-from gpujob.bridge.intake import Bridge
+from gpujob.bridge.intake import Bridge, intake_client
+from gpujob.health import Health
+from gpujob.metrics import Metrics
 from gpujob.operator import main as operator
 from gpujob.operator.runtime import RedisService
 from gpujob.settings import Settings
 
 
-def bridge_service(settings: Settings) -> RedisService:
-    async def run(client: redis.asyncio.Redis, stopping: asyncio.Event) -> None:
-        bridge = Bridge(settings, client)
-        metrics.register_stream_stats(lambda: bridge.stats)
-        await bridge.run(stopping)
+def bridge_service(settings: Settings, metrics: Metrics) -> RedisService:
+    async def run(_shared: redis.asyncio.Redis, stopping: asyncio.Event) -> None:
+        client = intake_client(settings)  # its own: the intake reads bytes, the shared client decodes
+        try:
+            bridge = Bridge(settings, client)
+            metrics.register_stream_stats(lambda: bridge.stats)
+            await bridge.run(stopping)
+        finally:
+            await client.aclose()
 
     return run
 
 
-def services(settings: Settings) -> dict[str, RedisService]:
-    return {"bridge": bridge_service(settings)} if settings.bridge else {}
+def services(settings: Settings, metrics: Metrics) -> dict[str, RedisService]:
+    return {"bridge": bridge_service(settings, metrics)} if settings.bridge else {}
 
 
 def operator_main(argv: list[str]) -> int:
     """`gpujob operator`."""
-    return operator.main(argv, services)
+    metrics = Metrics()
+    return operator.main(argv, metrics, Health(), lambda settings: services(settings, metrics))

@@ -1,8 +1,8 @@
-"""Prometheus metrics of the operator, and its HTTP endpoints: /metrics, /healthz, /readyz.
+"""Prometheus metrics of the operator (Prometheus only: health and the HTTP server are in `gpujob.health`).
 
 Everything lives in one `Metrics` object with its own `CollectorRegistry` (never the global default), so tests
-and several operators in one process stay apart. The module-level functions act on the default instance
-`METRICS` (whose registry is `REGISTRY`); the operator calls those.
+and several operators in one process stay apart. There is no module-level instance: the entry point
+(`gpujob.entrypoints`) builds one and hands it to the runtime and to whatever else records metrics.
 
 The job metrics named in docs/architecture.md (`gpu_worker_*`) keep their names exactly; the SRE metrics are
 `gpujob_*`. Live-job gauges (jobs by phase, pending age) and stream statistics are computed at scrape time by
@@ -11,20 +11,16 @@ custom collectors, so they are never stale and need no background task.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
 import threading
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final, Protocol
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
-from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from gpujob import __version__
@@ -50,7 +46,6 @@ _KNOWN_REASONS: Final = frozenset(r.value for r in Reason)
 _FINISHED_MEMORY: Final = 10_000  # finished job ids remembered, so late progress can't resurrect a gauge
 _ENDED: Final = "ended"
 _DELETED: Final = "deleted"
-READINESS_TIMEOUT_SECONDS: Final = 3.0
 # Outcomes of a stream request (the bridge's vocabulary); exported at 0 before the first of each.
 REQUEST_OUTCOMES: Final = ("created", "duplicate", "dead_lettered", "cancelled")
 
@@ -97,9 +92,6 @@ class StreamStatsSnapshot:
     pending: int = 0
     dead_lettered_total: Mapping[str, int] = field(default_factory=dict)
     requests_total: Mapping[str, int] = field(default_factory=dict)
-
-
-ReadinessCheck = Callable[[], Awaitable[bool]]
 
 
 @dataclass
@@ -203,8 +195,6 @@ class Metrics:
         self._lock = threading.Lock()
         self._live: dict[str, LiveJob] = {}
         self._finished: OrderedDict[str, str] = OrderedDict()  # job id -> _ENDED | _DELETED
-        self._readiness: dict[str, ReadinessCheck] = {}
-        self.readiness_timeout = READINESS_TIMEOUT_SECONDS
         r = self.registry
 
         self.jobs_total = Counter(
@@ -378,140 +368,3 @@ class Metrics:
             for sample in metric.samples:
                 found.append((sample.labels["job_id"], sample.labels["type"]))
         return found
-
-    # --- health
-
-    def add_readiness_check(self, name: str, check: ReadinessCheck) -> None:
-        """`check` answers True when its dependency is usable; /readyz is 200 only when all answer True."""
-        self._readiness[name] = check
-
-    def remove_readiness_check(self, name: str) -> None:
-        self._readiness.pop(name, None)
-
-    async def readiness(self) -> dict[str, bool]:
-        names = list(self._readiness)
-        results = await asyncio.gather(*(self._run_check(n, self._readiness[n]) for n in names))
-        return dict(zip(names, results, strict=True))
-
-    async def _run_check(self, name: str, check: ReadinessCheck) -> bool:
-        try:
-            async with asyncio.timeout(self.readiness_timeout):
-                return bool(await check())
-        except Exception as exc:  # TimeoutError included: a hung dependency is not ready
-            log.info("readiness check failed", check=name, error=repr(exc))
-            return False
-
-    # --- HTTP
-
-    def make_app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/metrics", self._handle_metrics)
-        app.router.add_get("/healthz", _handle_healthz)
-        app.router.add_get("/readyz", self._handle_readyz)
-        return app
-
-    async def start_http_server(self, port: int, host: str = "0.0.0.0") -> web.AppRunner:
-        """Serve /metrics, /healthz and /readyz; stop with `await runner.cleanup()`. Port 0 = any free port
-        (see `bound_port`)."""
-        runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port)
-        try:
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        log.info("metrics server listening", host=host, port=bound_port(runner))
-        return runner
-
-    async def _handle_metrics(self, request: web.Request) -> web.Response:
-        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-        body = encoder(self.registry)
-        return web.Response(body=body, headers={"Content-Type": content_type})
-
-    async def _handle_readyz(self, _: web.Request) -> web.Response:
-        checks = await self.readiness()
-        ready = all(checks.values())
-        return web.Response(
-            status=200 if ready else 503,
-            text=json.dumps({"ready": ready, "checks": checks}),
-            content_type="application/json",
-        )
-
-
-async def _handle_healthz(_: web.Request) -> web.Response:
-    # Answering at all proves the event loop is alive: a blocked loop times the probe out.
-    return web.Response(text=json.dumps({"alive": True}), content_type="application/json")
-
-
-def bound_port(runner: web.AppRunner) -> int:
-    """The port a started runner listens on (useful with port 0)."""
-    for address in runner.addresses:
-        if isinstance(address, tuple) and len(address) >= 2:
-            return int(address[1])
-    raise RuntimeError("the metrics server is not listening")
-
-
-# --- the default instance, used by the operator
-
-METRICS: Final = Metrics()
-REGISTRY: Final = METRICS.registry
-
-
-def record_transition(
-    *,
-    job_id: str,
-    namespace: str,
-    name: str,
-    job_type: str,
-    old: Phase | None,
-    new: Phase,
-    reason: str | None,
-    created_at: datetime,
-    transition_at: datetime,
-    started_at: datetime | None,
-) -> None:
-    METRICS.record_transition(
-        job_id=job_id,
-        namespace=namespace,
-        name=name,
-        job_type=job_type,
-        old=old,
-        new=new,
-        reason=reason,
-        created_at=created_at,
-        transition_at=transition_at,
-        started_at=started_at,
-    )
-
-
-def resync(*, job_id: str, namespace: str, name: str, job_type: str, phase: Phase, since: datetime, ran: bool) -> None:
-    METRICS.resync(job_id=job_id, namespace=namespace, name=name, job_type=job_type, phase=phase, since=since, ran=ran)
-
-
-def record_progress(*, job_id: str, job_type: str, percent: float) -> None:
-    METRICS.record_progress(job_id=job_id, job_type=job_type, percent=percent)
-
-
-def forget(job_id: str) -> None:
-    METRICS.forget(job_id)
-
-
-def handler_error(handler: str) -> None:
-    METRICS.handler_error(handler)
-
-
-def register_stream_stats(fn: Callable[[], StreamStats | None] | None) -> None:
-    METRICS.register_stream_stats(fn)
-
-
-def add_readiness_check(name: str, check: ReadinessCheck) -> None:
-    METRICS.add_readiness_check(name, check)
-
-
-def remove_readiness_check(name: str) -> None:
-    METRICS.remove_readiness_check(name)
-
-
-async def start_http_server(port: int, host: str = "0.0.0.0") -> web.AppRunner:
-    return await METRICS.start_http_server(port, host)

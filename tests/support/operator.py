@@ -37,21 +37,26 @@ class OperatorProcess:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     starts: int = field(default=0)
+    _offset: int = field(default=0)  # where the log of the latest start begins
 
-    def start(self, timeout: float = 30.0) -> OperatorProcess:
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+    def start(self, timeout: float = 30.0, wait: bool = True) -> OperatorProcess:
+        """Start the process; with `wait`, until it logs that it started (else see `wait_started`)."""
+        self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         self.starts += 1
+        if wait:
+            self.wait_started(timeout)
+        return self
 
+    def wait_started(self, timeout: float = 30.0) -> None:
         def ready() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(f"operator exited with {self.proc.returncode}:\n{self.logs()[-3000:]}")
-            return READY_LINE in self.log_path.read_text(errors="replace")[offset:]
+            return READY_LINE in self.log_path.read_text(errors="replace")[self._offset :]
 
         wait_for(ready, timeout, what="the operator to start")
-        return self
 
     @property
     def metrics_url(self) -> str:

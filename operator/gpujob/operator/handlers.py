@@ -14,17 +14,15 @@ import kopf
 from gpujob.api.constants import GROUP, MANAGER, PLURAL, VERSION, Label
 from gpujob.operator.runtime import Runtime
 
-log = logging.getLogger("gpujob.operator")
+# kopf retries a failed start-up handler after this many seconds (its default is 60).
+STARTUP_BACKOFF_SECONDS = 5.0
 
 
 def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
-    @kopf.on.startup(registry=registry)
+    @kopf.on.startup(registry=registry, backoff=STARTUP_BACKOFF_SECONDS)
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure(settings, runtime)
-        await runtime.start()
-        log.info(
-            "operator started", extra={"namespaces": runtime.namespaces or "*", "jobs_pods": len(runtime.store.pods)}
-        )
+        await runtime.start()  # "operator started" is logged once the watchers run (Runtime.announce)
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:

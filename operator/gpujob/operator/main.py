@@ -1,5 +1,6 @@
-"""The kopf operator's run: arguments, logging, the Runtime and kopf. `gpujob operator` (gpujob.entrypoints) calls
-it with the services to run beside it (the Redis bridge when GPUJOB_REDIS_URL is set)."""
+"""The kopf operator's run: arguments, logging, the HTTP server, the Runtime and kopf. `gpujob operator`
+(gpujob.entrypoints) calls it with the `Metrics` and `Health` it built and the services to run beside it (the
+Redis bridge when GPUJOB_REDIS_URL is set)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ from collections.abc import Callable
 
 import kopf
 
+from gpujob import health as http
+from gpujob.health import Health
 from gpujob.logging import configure as configure_logging
 from gpujob.logging import register_secret
+from gpujob.metrics import Metrics
 from gpujob.operator.handlers import register
 from gpujob.operator.runtime import RedisService, Runtime, pod_defaults
 from gpujob.settings import Settings, get_settings
@@ -27,7 +31,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str], services: Callable[[Settings], dict[str, RedisService]] | None = None) -> int:
+def main(
+    argv: list[str],
+    metrics: Metrics,
+    health: Health,
+    services: Callable[[Settings], dict[str, RedisService]] | None = None,
+) -> int:
     args = parse_args(argv)
     settings = get_settings()
     if args.peering:
@@ -41,6 +50,8 @@ def main(argv: list[str], services: Callable[[Settings], dict[str, RedisService]
         settings=settings,
         namespaces=namespaces,
         defaults=pod_defaults(settings, dict(os.environ)),
+        metrics=metrics,
+        health=health,
         services=services(settings) if services is not None else {},
     )
     registry = kopf.OperatorRegistry()
@@ -52,11 +63,18 @@ def main(argv: list[str], services: Callable[[Settings], dict[str, RedisService]
 async def _run(
     registry: kopf.OperatorRegistry, runtime: Runtime, namespaces: list[str] | None, peering: str | None
 ) -> None:
-    # kopf handles SIGTERM/SIGINT itself: it stops the watchers, then runs the cleanup handler (runtime.stop).
-    await kopf.operator(
-        registry=registry,
-        clusterwide=namespaces is None,
-        namespaces=namespaces or (),
-        standalone=peering is None,
-        peering_name=peering,
-    )
+    # Once per process, before kopf: probes and scrapes answer while start-up is retried (/readyz says 503 until
+    # the watchers run), and a retried start-up never binds the port again.
+    server = await http.serve(runtime.health, runtime.metrics.registry, runtime.settings.metrics_port)
+    try:
+        # kopf handles SIGTERM/SIGINT itself: it stops the watchers, then runs the cleanup handler (runtime.stop).
+        await kopf.operator(
+            registry=registry,
+            clusterwide=namespaces is None,
+            namespaces=namespaces or (),
+            standalone=peering is None,
+            peering_name=peering,
+            ready_flag=runtime.started,
+        )
+    finally:
+        await server.cleanup()

@@ -1,23 +1,27 @@
-"""Everything one operator process runs beside kopf's watchers, built from settings and started once."""
+"""Everything one operator process runs beside kopf's watchers, built from settings and started once.
+
+The entry point hands in what the runtime reports to (the `Metrics` and the `Health` the HTTP server serves) and
+the services it runs (the stream bridge); the runtime imports none of them by name."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import redis.asyncio
-from aiohttp import web
 
-from gpujob import kube, metrics
+from gpujob import kube
 from gpujob.api.constants import GROUP, MANAGER, PLURAL, VERSION, Label, Phase
 from gpujob.api.models import GpuJobStatus, Progress
 from gpujob.api.naming import job_id_of
 from gpujob.events import EventPublisher, async_client
 from gpujob.gpu_efficiency import gpu_efficiency
+from gpujob.health import Health
+from gpujob.logging import bind_job, get_logger
+from gpujob.metrics import Metrics
 from gpujob.operator.builders import PodDefaults
 from gpujob.operator.cache import JobKey, Store
 from gpujob.operator.conventions import parse_time
@@ -26,9 +30,14 @@ from gpujob.operator.reconciler import Reconciler, utcnow
 from gpujob.operator.status import Transition
 from gpujob.settings import Settings
 
-log = logging.getLogger("gpujob.runtime")
+log = get_logger(__name__)
 
 POD_SELECTOR = f"{Label.MANAGED_BY}={MANAGER}"
+# kopf names each watcher task `watcher for <plural.version.group>@<namespace>` (kopf 1.45, orchestration.py):
+# the operator is watching when there is a live one for each resource it handles.
+WATCHER_TASKS: Final = ("watcher for pods.v1@", f"watcher for {PLURAL}.{VERSION}.{GROUP}@")
+# The start-up Pod list is retried until it succeeds (a 403 while RBAC settles, 5xx), backing off up to this.
+STARTUP_RETRY_CAP_SECONDS: Final = 10.0
 
 # A service the entry point hands in (the stream bridge): started with the shared Redis client once it is
 # connected, it runs until the event is set. The operator does not know what it is.
@@ -58,21 +67,28 @@ class Runtime:
     settings: Settings
     namespaces: list[str] | None  # None = all namespaces
     defaults: PodDefaults
+    metrics: Metrics
+    health: Health
     store: Store = field(default_factory=Store)
     reconciler: Reconciler = field(init=False)
     redis: redis.asyncio.Redis | None = None
     forwarder: EventForwarder | None = None
     mirror: ProgressMirror | None = None
-    http: web.AppRunner | None = None
     services: dict[str, RedisService] = field(default_factory=dict)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    # Raised by kopf (its `ready_flag`) once the start-up handler has succeeded and its watchers may start.
+    started: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _announced: bool = False
 
     def __post_init__(self) -> None:
-        self.reconciler = Reconciler(self.store, self.defaults, on_error=metrics.handler_error)
+        self.reconciler = Reconciler(self.store, self.defaults, on_error=self.metrics.handler_error)
         self.reconciler.sinks.append(self.record_metrics)
         if self.settings.prometheus_url:
             self.reconciler.sinks.append(self.record_gpu_efficiency)
+        # Ready only while the watchers run: before start-up has succeeded (it is retried) the operator does
+        # nothing, and after they stop it does nothing either, whatever the API server answers.
+        self.health.add_readiness_check("kubernetes", self._kubernetes_ready)
 
     def spawn(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -85,18 +101,13 @@ class Runtime:
             self._tasks.remove(task)
 
     async def start(self) -> None:
-        metrics.add_readiness_check("kubernetes", kube.ping)
-        self.http = await metrics.METRICS.start_http_server(self.settings.metrics_port)
+        """kopf's start-up handler: safe to run again if kopf retries it (nothing here is started twice)."""
         # Before kopf resolves its resources (its watchers start after this startup handler).
         await kube.wait_for_discovery({"v1": "pods", f"{GROUP}/{VERSION}": PLURAL})
-        # Know every Pod before the first reconcile, so a Pod not yet seen is never taken for a deleted one.
-        # Page by page (each page retried on its own), so 10,000 full Pod bodies are never held at once.
-        async for page in kube.list_pods(self.namespaces, POD_SELECTOR):
-            for pod in page:
-                self.store.put_pod(pod)
-        if self.settings.redis_url is not None:
+        await self._list_pods()
+        if self.settings.redis_url is not None and self.redis is None:
             self.redis = async_client(self.settings)
-            metrics.add_readiness_check("redis", self._redis_ping)
+            self.health.add_readiness_check("redis", self._redis_ping)
             self.forwarder = EventForwarder(EventPublisher(self.redis, self.settings))
             self.reconciler.sinks.append(self.forwarder.sink)
             self.spawn("events", self.forwarder.run())
@@ -106,13 +117,54 @@ class Runtime:
                 self.store,
                 write_progress,
                 interval=self.settings.status_progress_interval,
-                on_progress=lambda job_id, job_type, percent: metrics.record_progress(
+                on_progress=lambda job_id, job_type, percent: self.metrics.record_progress(
                     job_id=job_id, job_type=job_type, percent=percent
                 ),
             )
             self.spawn("progress-mirror", self.mirror.run())
             for name, service in self.services.items():
                 self.spawn(name, service(self.redis, self.stopping))
+        if not self._announced:
+            self._announced = True
+            self.spawn("announce", self.announce())
+
+    async def _list_pods(self) -> None:
+        """Know every Pod before the first reconcile, so a Pod not yet seen is never taken for a deleted one.
+        Page by page (each page retried on its own), so 10,000 full Pod bodies are never held at once; the whole
+        list is retried until it succeeds (filing a Pod twice is harmless)."""
+        delay = 0.5
+        while True:
+            try:
+                async for page in kube.list_pods(self.namespaces, POD_SELECTOR):
+                    for pod in page:
+                        self.store.put_pod(pod)
+            except Exception as exc:
+                log.warning("start-up pod list failed, retrying", error=kube.message_of(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(STARTUP_RETRY_CAP_SECONDS, delay * 2)
+            else:
+                return
+
+    def watching(self) -> bool:
+        """kopf's watchers run: start-up has succeeded, the operator is not stopping, and there is a live
+        watcher task for each resource the operator handles."""
+        if not self.started.is_set() or self.stopping.is_set():
+            return False
+        live = [task.get_name() for task in asyncio.all_tasks() if not task.done()]
+        return all(any(name.startswith(prefix) for name in live) for prefix in WATCHER_TASKS)
+
+    async def announce(self) -> None:
+        """Log "operator started" (what tests and benchmarks wait for) once the watchers run, i.e. once /readyz
+        can say ready: kopf starts them only after the start-up handler has returned."""
+        await self.started.wait()
+        while True:  # kopf's watcher tasks appear a moment later and offer nothing to wait on
+            if self.watching():
+                break
+            await asyncio.sleep(0.05)
+        log.info("operator started", namespaces=self.namespaces or "*", jobs_pods=len(self.store.pods))
+
+    async def _kubernetes_ready(self) -> bool:
+        return self.watching() and await kube.ping()
 
     async def stop(self) -> None:
         self.stopping.set()
@@ -125,8 +177,6 @@ class Runtime:
                 await task
         if self.redis is not None:
             await self.redis.aclose()
-        if self.http is not None:
-            await self.http.cleanup()
         await kube.close()
 
     async def _redis_ping(self) -> bool:
@@ -137,7 +187,7 @@ class Runtime:
         meta, spec = job["metadata"], job.get("spec") or {}
         created = parse_time(meta.get("creationTimestamp")) or utcnow()
         for t in transitions:
-            metrics.record_transition(
+            self.metrics.record_transition(
                 job_id=job_id_of(job),
                 namespace=meta.get("namespace", ""),
                 name=meta["name"],
@@ -168,7 +218,8 @@ class Runtime:
             if found:
                 await kube.patch_gpujob(*key, {"status": {"metrics": {**status.metrics, **found}}}, status=True)
 
-        self.spawn(f"gpu-efficiency-{key[1]}", query())
+        with bind_job(job_id_of(job)):  # the task's lines (and its crash) carry the job
+            self.spawn(f"gpu-efficiency-{key[1]}", query())
 
     # --- watch events
     def job_event(self, event_type: str | None, body: dict[str, Any]) -> None:
@@ -177,7 +228,7 @@ class Runtime:
         if event_type == "DELETED":
             held = self.store.job(key)
             if held is not None:
-                metrics.forget(job_id_of(held))
+                self.metrics.forget(job_id_of(held))
             self.store.drop_job(key)
             self.reconciler.forget(key)
             if self.mirror is not None:
@@ -206,7 +257,7 @@ class Runtime:
         if not status.get("phase"):
             return
         since = parse_time(status.get("startTime")) or parse_time(meta.get("creationTimestamp")) or utcnow()
-        metrics.resync(
+        self.metrics.resync(
             job_id=job_id_of(body),
             namespace=meta.get("namespace", ""),
             name=meta.get("name", ""),
@@ -221,5 +272,5 @@ class Runtime:
 
 
 def _log_crash(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("background task %s crashed: %r", task.get_name(), task.exception())
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("background task crashed", task=task.get_name(), error=repr(exc), exc_info=exc)

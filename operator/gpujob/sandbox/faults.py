@@ -55,6 +55,7 @@ class Faults:
 
     error_500_rate: float = 0.0
     error_429_rate: float = 0.0
+    error_403_rate: float = 0.0  # 403 Forbidden, as while RBAC settles after an apiserver restart
     retry_after_seconds: int = 1
     status_conflict_rate: float = 0.0  # 409 Conflict on writes to a /status subresource
     watch_cut_rate: float = 0.0  # per streamed event: end the watch stream right after it

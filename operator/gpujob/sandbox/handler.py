@@ -227,6 +227,8 @@ class SandboxHandler(kmock.KubernetesScaffold):
             )
         if faults.roll(faults.error_500_rate, res.plural, agent, "500"):
             raise errors.ApiError(500, "InternalError", "sandbox: injected internal error", {})
+        if faults.roll(faults.error_403_rate, res.plural, agent, "403"):
+            raise errors.ApiError(403, "Forbidden", f"sandbox: injected: {verb} {res.plural} is forbidden", {})
         if (
             sub == "status"
             and verb in {"update", "patch"}
