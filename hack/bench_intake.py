@@ -36,7 +36,7 @@ from kubernetes_asyncio import client
 from gpujob import kube
 from gpujob.api.constants import Label
 from gpujob.api.request import JobRequest
-from gpujob.bridge.intake import Bridge, gpujob_body
+from gpujob.bridge.intake import Bridge, gpujob_body, intake_client
 from gpujob.events import EventPublisher, async_client, make_event
 from gpujob.sandbox import EmulatorThread
 from gpujob.sandbox.procs import RedisServer, free_port
@@ -85,7 +85,7 @@ async def raw_creates(ns: str, n: int, concurrency: int, prefix: str) -> float:
 
 # --- 2. the bridge
 async def bridge_run(settings: Settings, n: int) -> tuple[float, dict[str, int]]:
-    r = async_client(settings)
+    r = intake_client(settings)
     await r.delete(settings.request_stream)
     for chunk in range(0, n, 1000):
         pipe = r.pipeline(transaction=False)

@@ -59,13 +59,16 @@ def creates(emulator: Any) -> int:
 
 # --- a crash between the create and the XACK, for real: SIGKILL of a `gpujob bridge` process
 class AckSwallowingProxy:
-    """A TCP proxy in front of Redis. Once Redis has sent a reply holding `marker` (the entry id, in the
-    XREADGROUP reply), the client's later commands (its XACK first) are swallowed: the process has created
-    the GpuJob but its acknowledgement never reaches Redis, until the test SIGKILLs it."""
+    """A TCP proxy in front of Redis. Once Redis has sent a reply holding `marker` (the entry id, in the read's
+    reply), the client's commands from the first `command` on (XACK; or SET, which records the jobId as seen
+    right after the create) are swallowed: the process has created the GpuJob but what follows never reaches
+    Redis, until the test SIGKILLs it."""
 
-    def __init__(self, upstream_port: int, marker: str) -> None:
+    def __init__(self, upstream_port: int, marker: str, command: str) -> None:
         self.upstream_port, self.marker = upstream_port, marker.encode()
+        self.command = f"${len(command)}\r\n{command}\r\n".encode()  # as RESP sends a command's name
         self.port = free_port()
+        self.marked = threading.Event()
         self.holding = threading.Event()
         self._server = socket.create_server(("127.0.0.1", self.port))
         self._closed = False
@@ -88,6 +91,8 @@ class AckSwallowingProxy:
     def _pump_up(self, src: socket.socket, dst: socket.socket) -> None:
         with contextlib.suppress(OSError):
             while data := src.recv(65536):
+                if self.marked.is_set() and self.command in data:
+                    self.holding.set()
                 if not self.holding.is_set():
                     dst.sendall(data)
 
@@ -96,7 +101,7 @@ class AckSwallowingProxy:
         with contextlib.suppress(OSError):
             while data := src.recv(65536):
                 if self.marker in tail + data:
-                    self.holding.set()  # before the client can see the reply and answer it
+                    self.marked.set()  # before the client can see the reply and answer it
                 tail = data[-len(self.marker) :]
                 dst.sendall(data)
 
@@ -119,12 +124,15 @@ def bridge_process(emulator: Any, redis_url: str, consumer: str, log: Path) -> s
 
 
 @pytest.mark.parametrize("successor", ["bridge-a", "bridge-b"], ids=["restarted", "claimed-by-a-replica"])
+@pytest.mark.parametrize(("lost", "creates_seen"), [("XACK", 1), ("SET", 2)], ids=["ack-lost", "seen-record-lost"])
 async def test_sigkill_between_create_and_ack_gives_exactly_one_gpujob(
     emulator: Any, redis_server: RedisServer, redis_url: str, redis_client: redis.Redis, cluster: Cluster,
-    tmp_path: Path, successor: str,
+    tmp_path: Path, successor: str, lost: str, creates_seen: int,
 ) -> None:  # fmt: skip
+    """Killed after the create: with the jobId recorded as seen, the redo only acks (one create in all); killed
+    before that record too, the redo's create finds the GpuJob (409) and acks (two creates, one GpuJob)."""
     entry_id = redis_client.xadd(STREAM, request("killed-mid-flight", params={"n": 1}))
-    proxy = AckSwallowingProxy(redis_server.port, entry_id)
+    proxy = AckSwallowingProxy(redis_server.port, entry_id, lost)
     proc = bridge_process(emulator, proxy.url, "bridge-a", tmp_path / "bridge.log")
     try:
         await eventually(lambda: cluster.job("killed-mid-flight"), what="the GpuJob from the doomed bridge")
@@ -140,8 +148,8 @@ async def test_sigkill_between_create_and_ack_gives_exactly_one_gpujob(
     assert row["consumer"] == "bridge-a" and row["message_id"] == entry_id
     async with running_bridge(bridge_settings(redis_url, consumer=successor)) as bridge:
         await eventually(lambda: pending(redis_client) == 0, what="the orphaned entry acked")
-    assert bridge.stats.requests_total == {"duplicate": 1}, "the redo found the GpuJob (409) and only acked"
-    assert creates(emulator) == 2 and job_names(cluster) == ["killed-mid-flight"]
+    assert bridge.stats.requests_total == {"duplicate": 1}, "the redo found the GpuJob and only acked"
+    assert creates(emulator) == creates_seen and job_names(cluster) == ["killed-mid-flight"]
     assert redis_client.xlen(DEAD) == 0
 
 

@@ -10,8 +10,7 @@ from typing import Any
 import redis
 
 from gpujob import kube
-from gpujob.bridge.intake import Bridge
-from gpujob.events import async_client
+from gpujob.bridge.intake import Bridge, intake_client
 from tests.support.bridge import bridge_settings, eventually, request, running_bridge
 from tests.support.operator import Cluster
 
@@ -41,7 +40,7 @@ async def test_own_pending_entries_trimmed_while_down_are_acked_on_restart(
     # that pass alone must clear the trimmed entries (a later XAUTOCLAIM would drop them too, on Redis 7, but
     # only after the claim period, and not on Redis 6.2 at all).
     settings = bridge_settings(redis_url, consumer="bridge-a")
-    client = async_client(settings)
+    client = intake_client(settings)
     restarted = Bridge(settings, client)
     try:
         await restarted.process_own_pending()

@@ -84,6 +84,29 @@ def test_phase_events_are_ordered_and_follow_the_contract(
     assert json.loads(redis_client.get("gpujobs:state:ev-1"))["status"] == "succeeded"
 
 
+def test_the_progress_mirror_survives_whatever_is_published(
+    operator_factory: Any, cluster: Cluster, redis_url: str
+) -> None:
+    """Anyone who can PUBLISH can put any bytes on a progress channel: the mirror drops what is not a progress
+    event (not UTF-8, not JSON, nested too deep, a megabyte, a partial event) and goes on mirroring."""
+    operator_factory({"GPUJOB_REDIS_URL": redis_url})
+    cluster.create_job("mirror-1", {"type": "train_lora"})
+    name = cluster.wait_pod("mirror-1", 1).metadata.name
+    cluster.set_pod(name, "Running")
+    cluster.wait_phase("mirror-1", Phase.RUNNING)
+    settings = Settings(redis_url=redis_url)
+    raw = redis.Redis.from_url(redis_url)
+    channel = f"{settings.progress_channel_prefix}mirror-1"
+    for junk in (b"\xff\xfe", b"{", b"[" * 5000, b"x" * 1_000_000, json.dumps({"jobId": "mirror-1"}).encode()):
+        assert raw.publish(channel, junk) == 1, "the operator's mirror is subscribed"
+    SyncEventPublisher(redis.Redis.from_url(redis_url, decode_responses=True), settings).publish(
+        make_event("mirror-1", "running", 55.0, "after the junk", phase="Running", attempt=1)
+    )
+    wait_for(lambda: cluster.status("mirror-1").get("progress", {}).get("percent") == 55.0, what="progress mirrored")
+    assert cluster.status("mirror-1")["progress"]["message"] == "after the junk"
+    raw.close()
+
+
 def test_late_subscriber_catches_up_with_gpujob_watch(operator_factory: Any, cluster: Cluster, redis_url: str) -> None:
     operator_factory({"GPUJOB_REDIS_URL": redis_url})
     cluster.create_job("late-1", {"type": "render_video"})

@@ -128,14 +128,44 @@ async def _read(resp: Any) -> dict[str, Any]:
     return data
 
 
-TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
+class Verdict(StrEnum):
+    """How to take a failed API call: the one classification every caller uses."""
+
+    TRANSIENT = "transient"  # the cluster's passing state (5xx, 429, 408, 401, unreachable, resource not served)
+    CONFLICT = "conflict"  # 409: someone wrote first (or the object exists)
+    NOT_FOUND = "not_found"  # 404 naming an object: the object, or the namespace it would live in
+    FORBIDDEN = "forbidden"  # 403 from RBAC or a quota: may pass (an apiserver warming up, a quota that frees)
+    REJECTED = "rejected"  # refused for good: invalid (400, 422), admission policy (PodSecurity), any other 4xx
+
+
+def verdict(exc: BaseException) -> Verdict | None:
+    """The Verdict on a failed call; None when `exc` is not the API's answer nor the network's (a bug of ours)."""
+    if not isinstance(exc, ApiException):
+        return Verdict.TRANSIENT if isinstance(exc, OSError | asyncio.TimeoutError | aiohttp.ClientError) else None
+    code = exc.status or 0
+    if code >= 500 or code in (401, 408, 429):
+        return Verdict.TRANSIENT
+    if code == 409:
+        return Verdict.CONFLICT
+    if code == 404:  # no object named: the path itself is not served (a CRD not installed yet, or upgrading)
+        return Verdict.NOT_FOUND if _status_of(exc).get("details", {}).get("name") else Verdict.TRANSIENT
+    if code == 403:
+        return Verdict.REJECTED if "violates PodSecurity" in message_of(exc) else Verdict.FORBIDDEN
+    return Verdict.REJECTED
+
+
+def _status_of(exc: ApiException) -> dict[str, Any]:
+    """The Status object the API server answered with ({} when the body is not one)."""
+    try:
+        body = json.loads(exc.body or "{}")
+    except (ValueError, TypeError):
+        return {}
+    return body if isinstance(body, dict) and isinstance(body.get("details", {}), dict) else {}
 
 
 def transient(exc: BaseException) -> bool:
     """Worth retrying: throttled, a server error, or the connection failed."""
-    if isinstance(exc, ApiException):
-        return exc.status in TRANSIENT_STATUSES
-    return isinstance(exc, OSError | asyncio.TimeoutError)
+    return verdict(exc) is Verdict.TRANSIENT
 
 
 def _retry_after(exc: BaseException, default: float) -> float:
@@ -164,21 +194,15 @@ def message_of(exc: BaseException) -> str:
     """The API server's message of a failed call (its Status body), else the HTTP reason."""
     if not isinstance(exc, ApiException):
         return str(exc)
-    try:
-        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
-    except (ValueError, AttributeError):
-        return str(exc.reason)
+    return str(_status_of(exc).get("message") or exc.reason)
 
 
 def rejected_for_good(exc: BaseException) -> bool:
-    """Will the API server refuse this object whatever we wait for? 400 and 422 (invalid), and a 403 from
-    admission policy (Pod Security). Other 403s pass: RBAC that is not ready yet (an apiserver that has just
-    restarted refuses everyone for a moment: found by chaos), a quota that frees later (`exceeded quota`)."""
-    if not isinstance(exc, ApiException):
-        return False
-    if exc.status in (400, 422):
-        return True
-    return exc.status == 403 and "violates PodSecurity" in message_of(exc)
+    """Will the API server refuse this object whatever we wait for? 400 and 422 (invalid), a 403 from admission
+    policy (Pod Security), any 4xx that is not the cluster's passing state (413, ...). Other 403s pass: RBAC
+    that is not ready yet (an apiserver that has just restarted refuses everyone for a moment: found by chaos),
+    a quota that frees later (`exceeded quota`)."""
+    return verdict(exc) is Verdict.REJECTED
 
 
 def is_status(exc: BaseException, *codes: int) -> bool:

@@ -9,8 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from gpujob import kube
-from gpujob.bridge.intake import Bridge
-from gpujob.events import async_client
+from gpujob.bridge.intake import Bridge, intake_client
 from gpujob.settings import Settings
 
 
@@ -36,7 +35,7 @@ async def eventually(predicate: Callable[[], Any], timeout: float = 15.0, what: 
 @contextlib.asynccontextmanager
 async def running_bridge(settings: Settings, kind: type[Bridge] = Bridge) -> AsyncIterator[Bridge]:
     """A bridge running as a task until the block ends; then stopped, its clients closed."""
-    client = async_client(settings)
+    client = intake_client(settings)
     bridge = kind(settings, client)
     stop = asyncio.Event()
     task = asyncio.create_task(bridge.run(stop))

@@ -93,6 +93,22 @@ class Resources(WireModel):
     limits: dict[str, Quantity | int] = Field(default_factory=dict, max_length=16)
 
 
+MAX_PARAMS_DEPTH = 32  # JSON nesting of spec.params (serializers give up near 256; no task needs more than a few)
+
+
+def nesting_depth(value: Any) -> int:
+    """How deep JSON containers nest in `value` (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 class GpuJobSpec(WireModel):
     type: JobType
     job_id: str | None = Field(None, pattern=JOB_ID_PATTERN, description="Defaults to metadata.name.")
@@ -116,6 +132,13 @@ class GpuJobSpec(WireModel):
     suspend: bool = False
     cancel: bool = Field(False, description="Stop the job for good: Pod deleted, phase Cancelled.")
     models: ModelsVolume = Field(default_factory=ModelsVolume)
+
+    @field_validator("params")
+    @classmethod
+    def _params_shallow(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if (depth := nesting_depth(value)) > MAX_PARAMS_DEPTH:
+            raise ValueError(f"params are nested {depth} levels deep, over the limit of {MAX_PARAMS_DEPTH}")
+        return value
 
     @field_validator("resources")
     @classmethod

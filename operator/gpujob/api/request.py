@@ -7,6 +7,7 @@ One entry = fields `job` (the JSON of a JobRequest or, for a cancel, {"jobId": .
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
 
@@ -17,6 +18,16 @@ from gpujob.api.models import DNS_LABEL_PATTERN, JOB_ID_PATTERN, GpuJobSpec, Wir
 ENTRY_JOB = "job"
 ENTRY_ACTION = "action"
 MAX_ENTRY_BYTES = 256 * 1024
+
+
+class RequestOutcome(StrEnum):
+    """What the stream intake did with one entry (the `outcome` label of gpujob_stream_requests_total)."""
+
+    CREATED = "created"  # its GpuJob was created
+    DUPLICATE = "duplicate"  # its GpuJob existed already (a redelivery, or the backend sent it twice)
+    CANCELLED = "cancelled"  # a cancel, applied to its GpuJob
+    CANCEL_REMEMBERED = "cancel_remembered"  # a cancel before its GpuJob exists: the submit creates it cancelled
+    DEAD_LETTERED = "dead_lettered"  # moved to the dead-letter stream with the reason
 
 
 class Action(StrEnum):
@@ -78,9 +89,19 @@ def _validation_reason(exc: ValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-def parse_entry(fields: dict[str, Any]) -> Entry:
-    """A stream entry's fields (bytes or str) -> Entry, or InvalidEntry with a readable reason."""
-    decoded = {_text(k): _text(v) for k, v in fields.items()}
+def parse_entry(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> Entry:
+    """A stream entry's fields (bytes, as read from Redis, or str) -> Entry, or InvalidEntry with a readable
+    reason. Total: whatever the bytes, it returns or raises InvalidEntry (never another exception)."""
+    try:
+        return _parse(fields)
+    except InvalidEntry:
+        raise
+    except Exception as exc:  # an input no check above foresaw: still the entry's fault, never the intake's
+        raise InvalidEntry(f"unreadable request: {exc!r}"[:500]) from None
+
+
+def _parse(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> Entry:
+    decoded = {_text(k, "a field name"): _text(v, f"field {_shown(k)}") for k, v in fields.items()}
     raw_action = decoded.get(ENTRY_ACTION, Action.SUBMIT.value).strip().lower() or Action.SUBMIT.value
     try:
         action = Action(raw_action)
@@ -95,6 +116,8 @@ def parse_entry(fields: dict[str, Any]) -> Entry:
         data = json.loads(raw)
     except ValueError as exc:
         raise InvalidEntry(f"field {ENTRY_JOB!r} is not JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidEntry(f"field {ENTRY_JOB!r} nests JSON too deep to read") from None
     if not isinstance(data, dict):
         raise InvalidEntry(f"field {ENTRY_JOB!r} must be a JSON object, not {type(data).__name__}")
     model = CancelRequest if action is Action.CANCEL else JobRequest
@@ -105,10 +128,17 @@ def parse_entry(fields: dict[str, Any]) -> Entry:
     return Entry(action=action, request=request)
 
 
-def _text(value: Any) -> str:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    return str(value)
+def _text(value: bytes | str, what: str) -> str:
+    if isinstance(value, str):
+        return value
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidEntry(f"{what} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+
+
+def _shown(name: bytes | str) -> str:
+    return repr(name.decode("utf-8", errors="replace") if isinstance(name, bytes) else name)[:60]
 
 
 def request_schema() -> dict[str, Any]:

@@ -15,6 +15,12 @@
   towards max_deliveries; those failures are counted in Redis (`<stream>:failures`), so restarts don't reset them.
 - Entries of one jobId are handled in stream order (submit then cancel), also across the two batches that may be
   in flight at once; different jobIds concurrently (at most `concurrency` creates in flight).
+- Binary-safe and total: entries are read as bytes and decoded per field; whatever an entry holds (bytes that
+  are not UTF-8, JSON nested thousands deep, megabytes) it ends as a GpuJob or as a dead letter with the reason.
+  Entries are read through a Lua script that measures each entry inside Redis first: one over MAX_READ_BYTES
+  never reaches the operator whole (its fields come cut to PREVIEW_BYTES, and are dead-lettered so), so the
+  operator's memory stays bounded whatever is XADDed. The script cannot block, so an idle intake polls
+  (every IDLE_POLL seconds; back to back while entries keep coming).
 - Redis going away is logged and retried with capped back-off; it never stops the operator.
 """
 
@@ -23,19 +29,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 from redis.exceptions import RedisError, ResponseError
 
 from gpujob import kube
 from gpujob.api.constants import API_VERSION, KIND, Annotation, Label
 from gpujob.api.naming import job_name, label_value
-from gpujob.api.request import Action, Entry, InvalidEntry, JobRequest, parse_entry
+from gpujob.api.request import MAX_ENTRY_BYTES, Action, Entry, InvalidEntry, JobRequest, RequestOutcome, parse_entry
 from gpujob.events import async_client
 from gpujob.kube import ApiException
 from gpujob.settings import Settings
@@ -46,18 +50,87 @@ MAX_BACKOFF = 30.0
 TRANSIENT_RETRIES = 4  # in place, with back-off from RETRY_DELAY: ~4 s before the entry is left pending
 RETRY_DELAY = 0.25
 HEALTHY_AFTER = 10.0  # seconds a serving period must last for the reconnect back-off to start over
-# The API's answers that are the cluster's state, not the request's fault (404 only for the resource itself):
-# retried for as long as they last. Any other 4xx rejects the request for good.
-TRANSIENT_API_STATUSES = frozenset({401, 408, 409, 429})
 FAILURES_TTL_SECONDS = 7 * 24 * 3600  # a failure count outlives no entry by long (entries deleted by hand)
-Fields = dict[str, str]
+MAX_READ_BYTES = 2 * MAX_ENTRY_BYTES  # a whole entry (all names and values); larger ones come cut
+PREVIEW_BYTES = 1024  # what is kept of each field of an entry over MAX_READ_BYTES (at most PREVIEW_FIELDS)
+PREVIEW_FIELDS = 16
+IDLE_POLL = 0.05  # seconds between reads while the stream has nothing new
+# How long the intake remembers a jobId it created a GpuJob for (a redelivery or re-send of its request after
+# the GpuJob is gone is not run again) and a cancel that came before its submit: longer than any entry stays
+# pending or a backend retries a send.
+REMEMBER_SECONDS = 7 * 24 * 3600
+Fields = dict[bytes, bytes]
+
+# Reads entries for this consumer, one XREADGROUP (COUNT 1) at a time so Redis holds one entry in Lua at once,
+# and replies {id, size, fields}: size -1 for an entry trimmed while pending, fields cut when over the limit.
+# ARGV: mode (new|own|claim), group, consumer, count, start ('>', an id, or the claim cursor), max bytes,
+# preview bytes, preview fields, min idle ms (claim). claim replies {next cursor, entries, ids deleted from
+# the pending list (Redis 7)}; it claims ids only (JUSTID) and reads each entry by itself.
+READ_SCRIPT = """
+local mode, group, consumer = ARGV[1], ARGV[2], ARGV[3]
+local count, start = tonumber(ARGV[4]), ARGV[5]
+local max_bytes, preview, preview_fields = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local out = {}
+local function add(id, fields)
+  if not fields then out[#out + 1] = {id, -1, {}} return end
+  local size = 0
+  for i = 1, #fields do size = size + #fields[i] end
+  if size <= max_bytes then out[#out + 1] = {id, size, fields} return end
+  local cut = {}
+  for i = 1, math.min(#fields, 2 * preview_fields) do cut[i] = string.sub(fields[i], 1, preview) end
+  out[#out + 1] = {id, size, cut}
+end
+if mode == "claim" then
+  local claimed = redis.call("XAUTOCLAIM", KEYS[1], group, consumer, ARGV[9], start, "COUNT", count, "JUSTID")
+  for _, id in ipairs(claimed[2]) do
+    local found = redis.call("XRANGE", KEYS[1], id, id)
+    add(id, found[1] and found[1][2] or false)
+  end
+  return {claimed[1], out, claimed[3] or {}}
+end
+for _ = 1, count do
+  local reply = redis.call("XREADGROUP", "GROUP", group, consumer, "COUNT", 1, "STREAMS", KEYS[1], start)
+  local entry = reply and reply[1][2][1]
+  if not entry then break end
+  add(entry[1], entry[2])
+  if start ~= ">" then start = entry[1] end
+end
+return out
+"""
 
 
-class Outcome:
-    CREATED = "created"
-    DUPLICATE = "duplicate"
-    DEAD_LETTERED = "dead_lettered"
-    CANCELLED = "cancelled"
+@dataclass(frozen=True)
+class Read:
+    """One entry as read: its fields as bytes (cut to a preview when `size` is over MAX_READ_BYTES)."""
+
+    entry_id: str
+    fields: Fields
+    size: int  # bytes of all names and values; -1: trimmed or deleted while pending (nothing left of it)
+
+    @property
+    def gone(self) -> bool:
+        return self.size < 0
+
+    @property
+    def cut(self) -> bool:
+        return self.size > MAX_READ_BYTES
+
+    def parsed(self) -> Entry | InvalidEntry:
+        if self.cut:
+            return InvalidEntry(f"entry is {self.size} bytes, over the {MAX_READ_BYTES} limit (its fields are cut "
+                                f"to {PREVIEW_BYTES} bytes in this dead letter)")  # fmt: skip
+        try:
+            return parse_entry(self.fields)
+        except InvalidEntry as exc:
+            return exc
+
+
+def _reads(rows: list[Any]) -> list[Read]:
+    reads = []
+    for entry_id, size, flat in rows:
+        ident = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+        reads.append(Read(ident, dict(zip(flat[::2], flat[1::2], strict=True)), int(size)))
+    return reads
 
 
 @dataclass
@@ -67,7 +140,7 @@ class BridgeStats:
     lag: int | None = None
     pending: int = 0
     dead_lettered_total: Counter[str] = field(default_factory=Counter)  # by _reason_kind
-    requests_total: Counter[str] = field(default_factory=Counter)  # by Outcome
+    requests_total: Counter[str] = field(default_factory=Counter)  # by RequestOutcome
     transient_errors_total: int = 0  # API calls that failed transiently (each retry counts)
 
 
@@ -75,9 +148,12 @@ class Transient(Exception):
     """Try again later (the entry stays pending)."""
 
 
-def gpujob_body(request: JobRequest, entry_id: str) -> dict[str, Any]:
-    """The GpuJob of a request (pure): name from the jobId, the jobId as label and in spec."""
+def gpujob_body(request: JobRequest, entry_id: str, *, cancelled: bool = False) -> dict[str, Any]:
+    """The GpuJob of a request (pure): name from the jobId, the jobId as label and in spec; created cancelled
+    when its cancel came first."""
     spec = request.to_spec()
+    if cancelled:
+        spec = spec.model_copy(update={"cancel": True})
     return {
         "apiVersion": API_VERSION,
         "kind": KIND,
@@ -90,41 +166,21 @@ def gpujob_body(request: JobRequest, entry_id: str) -> dict[str, Any]:
     }
 
 
-def _transient_api_error(exc: ApiException) -> bool:
-    return exc.status >= 500 or exc.status in TRANSIENT_API_STATUSES or _resource_missing(exc)
-
-
-def _resource_missing(exc: ApiException) -> bool:
-    """A 404 for the GpuJob resource itself (CRD not installed yet, or being upgraded), not for the request's
-    namespace: that is the cluster's state, not the request's fault, so it is retried, never dead-lettered."""
-    if exc.status != 404:
-        return False
-    try:
-        details = json.loads(exc.body or "{}").get("details") or {}
-    except (ValueError, AttributeError):
-        return False
-    return details.get("kind") != "namespaces"
-
-
-def _api_reason(exc: ApiException) -> str:
-    try:
-        message = json.loads(exc.body or "{}").get("message")
-    except ValueError:
-        message = None
-    return f"rejected by the API server ({exc.status}): {message or exc.reason}"
-
-
 @dataclass
 class Bridge:
     settings: Settings
-    client: Any  # a redis.asyncio.Redis (decode_responses=True); its stubs type replies as unnarrowable unions
+    client: Any  # a redis.asyncio.Redis replying bytes (intake_client); its stubs type replies as unions
     stats: BridgeStats = field(default_factory=BridgeStats)
     _sem: asyncio.Semaphore = field(init=False)
     _stop: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     _tails: dict[str, asyncio.Task[None]] = field(init=False, default_factory=dict)  # jobId -> its latest work
+    _script: Any = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.client.get_connection_kwargs().get("decode_responses"):
+            raise ValueError("the intake reads bytes: give it intake_client(settings), not a decoding client")
         self._sem = asyncio.Semaphore(self.settings.concurrency)
+        self._script = self.client.register_script(READ_SCRIPT)
 
     @property
     def stream(self) -> str:
@@ -186,16 +242,24 @@ class Bridge:
                 if now >= next_stats:
                     await self.refresh_stats()
                     next_stats = now + 5.0
-                batch = await self.client.xreadgroup(
-                    self.group, self.consumer, {self.stream: ">"},
-                    count=self.settings.read_batch, block=self.settings.read_block_ms,
-                )  # fmt: skip
-                for _, entries in batch or []:
-                    inflight.append(asyncio.create_task(self.handle_batch(entries, redelivered=False)))
+                reads = await self._read("new", ">")
+                if reads:
+                    inflight.append(asyncio.create_task(self.handle_batch(reads, redelivered=False)))
                 while inflight and (len(inflight) > 1 or inflight[0].done()):
                     await inflight.pop(0)
+                if not reads:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), IDLE_POLL)
         finally:
             await asyncio.gather(*inflight, return_exceptions=True)  # (cancelled with us, if we are)
+
+    async def _read(self, mode: str, start: str, min_idle_ms: int = 0) -> list[Read]:
+        rows = await self._script(keys=[self.stream], args=self._script_args(mode, start, min_idle_ms))
+        return _reads(rows)
+
+    def _script_args(self, mode: str, start: str, min_idle_ms: int) -> list[Any]:
+        return [mode, self.group, self.consumer, self.settings.read_batch, start, MAX_READ_BYTES, PREVIEW_BYTES,
+                PREVIEW_FIELDS, min_idle_ms]  # fmt: skip
 
     async def _wait_for_api(self, stop: asyncio.Event) -> None:
         """While the API server is unreachable, don't re-read pending entries (each read counts as a delivery)."""
@@ -221,48 +285,47 @@ class Bridge:
     async def process_own_pending(self) -> None:
         """Entries this consumer read but never acked (it crashed, or a transient failure)."""
         start = "0"
-        while True:
-            batch = await self.client.xreadgroup(
-                self.group, self.consumer, {self.stream: start}, count=self.settings.read_batch
-            )
-            read = [e for _, es in batch or [] for e in es]
-            if not read:
-                return
-            gone = [entry_id for entry_id, fields in read if not fields]  # trimmed/deleted while pending
-            if gone:
-                await self.client.xack(self.stream, self.group, *gone)
-                await self.client.hdel(self.failures_key, *gone)
-            await self.handle_batch([e for e in read if e[1]], redelivered=True)
-            start = read[-1][0]
+        while reads := await self._read("own", start):
+            await self._drop_gone([r.entry_id for r in reads if r.gone])
+            await self.handle_batch([r for r in reads if not r.gone], redelivered=True)
+            start = reads[-1].entry_id
 
     async def claim_abandoned(self) -> None:
         """Take over entries idle longer than claim_idle_ms in dead consumers' pending lists."""
         cursor = "0-0"
         while True:
-            result = await self.client.xautoclaim(
-                self.stream, self.group, self.consumer, self.settings.claim_idle_ms, cursor, count=100
-            )
-            cursor, entries = result[0], [e for e in result[1] if e[1]]
-            if entries:
+            args = self._script_args("claim", cursor, self.settings.claim_idle_ms)
+            raw_cursor, rows, _deleted = await self._script(keys=[self.stream], args=args)  # (Redis 7 drops those)
+            cursor = raw_cursor.decode() if isinstance(raw_cursor, bytes) else str(raw_cursor)
+            reads = _reads(rows)
+            await self._drop_gone([r.entry_id for r in reads if r.gone])
+            if entries := [r for r in reads if not r.gone]:
                 log.info("claimed %d abandoned request(s)", len(entries))
                 await self.handle_batch(entries, redelivered=True)
-            if cursor in ("0-0", b"0-0"):
+            if cursor == "0-0":
                 return
+
+    async def _drop_gone(self, entry_ids: list[str]) -> None:
+        """Entries trimmed or deleted while pending: nothing is left to handle (or to blame), only to ack."""
+        if entry_ids:
+            await self.client.xack(self.stream, self.group, *entry_ids)
+            await self.client.hdel(self.failures_key, *entry_ids)
 
     async def refresh_stats(self) -> None:
         with contextlib.suppress(RedisError):
             for group in await self.client.xinfo_groups(self.stream):
-                if group.get("name") == self.group:
+                if _text(group.get("name")) == self.group:
                     self.stats.lag = group.get("lag")
                     self.stats.pending = int(group.get("pending") or 0)
 
     # --- entries
-    async def handle_batch(self, entries: list[tuple[str, Fields]], *, redelivered: bool) -> None:
+    async def handle_batch(self, reads: list[Read], *, redelivered: bool) -> None:
         """Entries of one jobId in stream order (also after that jobId's entries of a batch still in flight),
         different jobIds concurrently (at most `concurrency`). Raises the first failure, after all are done."""
-        by_job: dict[str, list[tuple[str, Fields]]] = defaultdict(list)
-        for entry_id, fields in entries:
-            by_job[_job_id(fields) or entry_id].append((entry_id, fields))
+        by_job: dict[str, list[tuple[Read, Entry | InvalidEntry]]] = defaultdict(list)
+        for read in reads:
+            parsed = read.parsed()
+            by_job[read.entry_id if isinstance(parsed, InvalidEntry) else parsed.job_id].append((read, parsed))
         tasks = []
         for key, items in by_job.items():
             task = asyncio.create_task(self._in_order(items, self._tails.get(key), redelivered=redelivered))
@@ -279,30 +342,31 @@ class Bridge:
             del self._tails[key]
 
     async def _in_order(
-        self, items: list[tuple[str, Fields]], after: asyncio.Task[None] | None, *, redelivered: bool
+        self, items: list[tuple[Read, Entry | InvalidEntry]], after: asyncio.Task[None] | None, *, redelivered: bool
     ) -> None:
         if after is not None:
             await asyncio.wait([after])  # outside the semaphore: waiting must not hold a slot; its failure is its own
         async with self._sem:
-            for entry_id, fields in items:
-                await self.handle(entry_id, fields, redelivered=redelivered)
+            for read, parsed in items:
+                await self.handle(read, parsed, redelivered=redelivered)
 
-    async def handle(self, entry_id: str, fields: Fields, *, redelivered: bool = False) -> str:
+    async def handle(self, read: Read, parsed: Entry | InvalidEntry, *, redelivered: bool = False) -> RequestOutcome:
         """Process one entry; returns its outcome. Raises when it stays pending: Transient (API trouble, retried
         later, never counted against the entry), Redis errors, or the entry's own failure (counted)."""
         try:
-            entry = parse_entry(fields)
-            outcome = await self._apply_with_retries(entry, entry_id)
+            if isinstance(parsed, InvalidEntry):
+                raise parsed
+            outcome = await self._apply_with_retries(parsed, read.entry_id)
         except InvalidEntry as exc:
-            return await self.dead_letter(entry_id, fields, exc.reason)
+            return await self.dead_letter(read, exc.reason)
         except (Transient, RedisError, OSError):
             raise  # not this entry's fault: it stays pending, however often it is delivered
         except Exception as exc:  # raised by this entry's own handling (a bug it triggers): poison if it lasts
-            if await self._count_failure(entry_id) >= self.settings.max_deliveries:
+            if await self._count_failure(read.entry_id) >= self.settings.max_deliveries:
                 why = f"handling failed {self.settings.max_deliveries} times (last error: {exc!r})"
-                return await self.dead_letter(entry_id, fields, why)
+                return await self.dead_letter(read, why[:1000])
             raise
-        await self._ack(entry_id, redelivered=redelivered)
+        await self._ack(read.entry_id, redelivered=redelivered)
         self.stats.requests_total[outcome] += 1
         return outcome
 
@@ -323,16 +387,21 @@ class Bridge:
         count, _ = await pipe.execute()
         return int(count)
 
-    async def _apply_with_retries(self, entry: Entry, entry_id: str) -> str:
+    async def _apply_with_retries(self, entry: Entry, entry_id: str) -> RequestOutcome:
         """Transient trouble is retried here first (cheaper than a re-read); after TRANSIENT_RETRIES the Transient
-        goes up and the entry stays pending (the bridge pauses, backing off, then reads it again)."""
+        goes up and the entry stays pending (the bridge pauses, backing off, then reads it again). A 403 (RBAC
+        or a quota) gets the same retries in place, then rejects the request: an apiserver that has just
+        restarted refuses everyone for a moment, but one namespace the operator may not write to must not hold
+        up the whole stream."""
         delay = RETRY_DELAY
         for attempt in range(TRANSIENT_RETRIES + 1):
             try:
                 return await self._apply(entry, entry_id)
-            except Transient as exc:
+            except (Transient, Forbidden) as exc:
                 self.stats.transient_errors_total += 1
                 if attempt == TRANSIENT_RETRIES or self._stop.is_set():
+                    if isinstance(exc, Forbidden):
+                        raise InvalidEntry(exc.reason) from None
                     raise
                 log.info("%s; retrying in %.2fs", exc, delay)
                 with contextlib.suppress(TimeoutError):
@@ -348,60 +417,126 @@ class Bridge:
             raise InvalidEntry(f"namespace {namespace!r} not allowed for stream requests (GPUJOB_BRIDGE_NAMESPACES)")
         return namespace
 
-    async def _apply(self, entry: Entry, entry_id: str) -> str:
+    def _memo(self, what: str, namespace: str, job_id: str) -> str:
+        """Key of what the intake remembers about one jobId: `seen` (a GpuJob was created for it) or `cancel`
+        (a cancel came before any GpuJob), for REMEMBER_SECONDS."""
+        return f"{self.stream}:{what}:{namespace}/{job_id}"
+
+    async def _apply(self, entry: Entry, entry_id: str) -> RequestOutcome:
         namespace = self._namespace(entry)
-        name = job_name(entry.job_id)
         try:
             if entry.action is Action.CANCEL:
-                result = await kube.patch_gpujob(namespace, name, {"spec": {"cancel": True}})
-                if result is kube.Outcome.ABSENT:
-                    raise InvalidEntry(f"cancel: no GpuJob for jobId {entry.job_id!r} in namespace {namespace!r}")
-                return Outcome.CANCELLED
+                return await self._cancel(namespace, entry.job_id, entry_id)
             assert isinstance(entry.request, JobRequest)
-            created = await kube.create_gpujob(namespace, gpujob_body(entry.request, entry_id))
-        except ApiException as exc:
-            if not _transient_api_error(exc):
-                raise InvalidEntry(_api_reason(exc)) from None
-            raise Transient(f"API server answered {exc.status} for {entry.job_id!r}") from None
-        except (OSError, TimeoutError, aiohttp.ClientError) as exc:
-            raise Transient(f"API server unreachable: {exc!r}") from None
-        return Outcome.CREATED if created is kube.Outcome.CREATED else Outcome.DUPLICATE
+            return await self._submit(namespace, entry.request, entry_id)
+        except (RedisError, InvalidEntry):
+            raise
+        except Exception as exc:
+            raise _api_failure(exc, entry.job_id) from None
 
-    async def dead_letter(self, entry_id: str, fields: Fields, reason: str) -> str:
-        dead = {**{str(k): v for k, v in fields.items()}, "reason": reason, "sourceId": entry_id,
-                "consumer": self.consumer}  # fmt: skip
+    async def _submit(self, namespace: str, request: JobRequest, entry_id: str) -> RequestOutcome:
+        """Create the GpuJob, once per jobId for REMEMBER_SECONDS (also after the GpuJob is gone: a TTL-deleted
+        job is not run again by a redelivery or a re-send), cancelled at once when its cancel came first."""
+        seen_key, cancel_key = (
+            self._memo("seen", namespace, request.job_id),
+            self._memo("cancel", namespace, request.job_id),
+        )
+        seen, cancel = await self.client.mget(seen_key, cancel_key)
+        if seen is not None:  # its GpuJob was made (from this entry or an earlier one); it may be gone by now
+            if cancel is not None:  # finish what a crash between that create and its cancel check cut short
+                await kube.patch_gpujob(namespace, job_name(request.job_id), {"spec": {"cancel": True}})
+            return RequestOutcome.DUPLICATE
+        outcome = await kube.create_gpujob(namespace, gpujob_body(request, entry_id, cancelled=cancel is not None))
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(seen_key, entry_id, ex=REMEMBER_SECONDS, nx=True)
+        pipe.get(cancel_key)
+        _, cancel_now = await pipe.execute()
+        if cancel is None and cancel_now is not None:  # the cancel landed (on any replica) while we created
+            await kube.patch_gpujob(namespace, job_name(request.job_id), {"spec": {"cancel": True}})
+        return RequestOutcome.CREATED if outcome is kube.Outcome.CREATED else RequestOutcome.DUPLICATE
+
+    async def _cancel(self, namespace: str, job_id: str, entry_id: str) -> RequestOutcome:
+        """Cancel the jobId's GpuJob; before it exists (its submit is on another replica, retried, or late), the
+        cancel is remembered and the submit creates the GpuJob cancelled. Written before the second look, read
+        by the submit after its create: whichever comes second sees the other, so no order loses the cancel."""
+        patch = {"spec": {"cancel": True}}
+        name = job_name(job_id)
+        if await kube.patch_gpujob(namespace, name, patch) is kube.Outcome.PATCHED:
+            return RequestOutcome.CANCELLED
+        await self.client.set(self._memo("cancel", namespace, job_id), entry_id, ex=REMEMBER_SECONDS)
+        if await kube.patch_gpujob(namespace, name, patch) is kube.Outcome.PATCHED:
+            return RequestOutcome.CANCELLED
+        return RequestOutcome.CANCEL_REMEMBERED
+
+    async def dead_letter(self, read: Read, reason: str) -> RequestOutcome:
+        """The entry's fields as read (bytes, cut when it was too large) and why, to the dead-letter stream."""
+        extra = {"reason": reason, "sourceId": read.entry_id, "consumer": self.consumer}
+        if read.cut:
+            extra["size"] = str(read.size)
+        dead = {**read.fields, **{k.encode(): v.encode() for k, v in extra.items()}}
         pipe = self.client.pipeline(transaction=True)
         pipe.xadd(self.settings.dead_letter_stream, dead, maxlen=self.settings.events_maxlen, approximate=True)
-        pipe.xack(self.stream, self.group, entry_id)
-        pipe.hdel(self.failures_key, entry_id)
+        pipe.xack(self.stream, self.group, read.entry_id)
+        pipe.hdel(self.failures_key, read.entry_id)
         await pipe.execute()
-        log.warning("request %s dead-lettered: %s", entry_id, reason)
+        log.warning("request %s dead-lettered: %s", read.entry_id, reason)
         self.stats.dead_lettered_total[_reason_kind(reason)] += 1
-        self.stats.requests_total[Outcome.DEAD_LETTERED] += 1
-        return Outcome.DEAD_LETTERED
+        self.stats.requests_total[RequestOutcome.DEAD_LETTERED] += 1
+        return RequestOutcome.DEAD_LETTERED
 
 
-def _job_id(fields: Fields) -> str | None:
-    try:
-        data = json.loads(fields.get("job") or "")
-    except (ValueError, TypeError):
-        return None
-    job_id = data.get("jobId") if isinstance(data, dict) else None
-    return job_id if isinstance(job_id, str) else None
+class Forbidden(Exception):
+    """A 403 on the request's GpuJob: retried in place a few times, then the request is rejected."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _api_failure(exc: Exception, job_id: str) -> Exception:
+    """What a failed API call means for the request (kube.verdict decides; the reason quotes the API server)."""
+    if isinstance(exc, InvalidEntry):
+        return exc
+    match kube.verdict(exc):
+        case kube.Verdict.TRANSIENT | kube.Verdict.CONFLICT:
+            return Transient(f"API server answered {_status(exc)} for {job_id!r}")
+        case kube.Verdict.FORBIDDEN:
+            return Forbidden(f"rejected by the API server (403): {kube.message_of(exc)}")
+        case kube.Verdict.NOT_FOUND | kube.Verdict.REJECTED:
+            return InvalidEntry(f"rejected by the API server ({_status(exc)}): {kube.message_of(exc)}")
+        case None:  # not an API answer: the request could not even be sent (a body that does not serialize)
+            if isinstance(exc, ValueError | TypeError | RecursionError):
+                return InvalidEntry(f"request cannot be sent to the API server: {exc!r}"[:500])
+            return exc
+    raise AssertionError("unreachable")
+
+
+def _status(exc: Exception) -> str:
+    return str(exc.status) if isinstance(exc, ApiException) else repr(exc)
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def _reason_kind(reason: str) -> str:
     """A bounded label for metrics: the reason's first words, not its details."""
     for kind in ("handling failed", "invalid request", "rejected by the API server", "missing field", "not JSON",
-                 "unknown action", "cancel", "must be a JSON object"):  # fmt: skip
+                 "not valid UTF-8", "unknown action", "must be a JSON object", "over the",
+                 "nests JSON too deep", "cannot be sent", "unreadable"):  # fmt: skip
         if kind in reason:
             return kind.replace(" ", "_")
     return "other"
 
 
+def intake_client(settings: Settings) -> Any:
+    """The intake's own Redis client: it replies bytes (each field is decoded, and may fail to, by itself)."""
+    return async_client(settings, decode_responses=False)
+
+
 async def run_bridge(settings: Settings, stop: asyncio.Event, stats: BridgeStats | None = None) -> None:
     """The intake with its own Redis client, until `stop` is set; never raises (failures are logged)."""
-    client = async_client(settings)
+    client = intake_client(settings)
     try:
         await Bridge(settings, client, stats=stats or BridgeStats()).run(stop)
     finally:

@@ -117,24 +117,31 @@ class ProgressMirror:
     _flushers: dict[JobKey, asyncio.Task[None]] = field(default_factory=dict)
 
     async def run(self) -> None:
+        """Until cancelled, whatever is published: messages are read as bytes (anyone can PUBLISH anything on
+        these channels), and one that is not a progress event is dropped, never the subscription."""
         delay = 0.5
-        while True:
-            try:
-                async with self.client.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.psubscribe(f"{self.channel_prefix}*")
-                    delay = 0.5
-                    async for message in pubsub.listen():
-                        if message and message.get("type") == "pmessage":
-                            self.handle(message["data"])
-            except (redis.RedisError, OSError) as exc:
-                log.warning("progress subscription lost (%s); reconnecting in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(MAX_BACKOFF, delay * 2)
+        client = bytes_twin(self.client)
+        try:
+            while True:
+                try:
+                    async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                        await pubsub.psubscribe(f"{self.channel_prefix}*")
+                        delay = 0.5
+                        async for message in pubsub.listen():
+                            if message and message.get("type") == "pmessage":
+                                self.handle(message["data"])
+                except (redis.RedisError, OSError) as exc:
+                    log.warning("progress subscription lost (%s); reconnecting in %.1fs", exc, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(MAX_BACKOFF, delay * 2)
+        finally:
+            with contextlib.suppress(Exception):
+                await client.aclose()
 
     def handle(self, raw: str | bytes) -> None:
         try:
             event = ProgressEvent.model_validate_json(raw)
-        except ValueError:
+        except ValueError:  # not UTF-8, not JSON, not an event (pydantic's ValidationError is a ValueError)
             return
         key = self.store.key_of_job_id(event.jobId)
         job = self.store.job(key) if key else None
@@ -174,3 +181,12 @@ class ProgressMirror:
         task = self._flushers.pop(key, None)
         if task is not None:
             task.cancel()
+
+
+def bytes_twin(client: redis.asyncio.Redis) -> redis.asyncio.Redis:
+    """A client to the same server with the same options that replies bytes instead of decoding them."""
+    pool = client.connection_pool
+    kwargs = {**pool.connection_kwargs, "decode_responses": False}
+    return redis.asyncio.Redis(
+        connection_pool=redis.asyncio.ConnectionPool(connection_class=pool.connection_class, **kwargs)
+    )
