@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 
 from gpujob import __version__
 from gpujob.api.constants import TERMINAL_PHASES, JobType, Phase, Reason
+from gpujob.api.request import RequestOutcome
 from gpujob.logging import get_logger
 
 log = get_logger(__name__)
@@ -47,7 +48,7 @@ _FINISHED_MEMORY: Final = 10_000  # finished job ids remembered, so late progres
 _ENDED: Final = "ended"
 _DELETED: Final = "deleted"
 # Outcomes of a stream request (the bridge's vocabulary); exported at 0 before the first of each.
-REQUEST_OUTCOMES: Final = ("created", "duplicate", "dead_lettered", "cancelled")
+REQUEST_OUTCOMES: Final = tuple(RequestOutcome)  # each always exported, 0 until it happens
 
 
 def _utcnow() -> datetime:
