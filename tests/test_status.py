@@ -182,7 +182,11 @@ def _failed_pod(status: dict[str, Any], *, deleting: bool = False, exit_code: in
         {
             "metadata": meta,
             "spec": {"nodeName": "gpu-1"},
-            "status": {"phase": "Failed", "containerStatuses": [{"state": {"terminated": terminated}}], **status},
+            "status": {
+                "phase": "Failed",
+                "containerStatuses": [{"name": "worker", "state": {"terminated": terminated}}],
+                **status,
+            },
         }
     )
 
@@ -341,7 +345,10 @@ def test_pod_view_reads_container_state_and_scheduling() -> None:
         "status": {
             "phase": "Failed",
             "containerStatuses": [
-                {"state": {"terminated": {"exitCode": 137, "reason": "OOMKilled", "message": '{"error":"x"}'}}}
+                {
+                    "name": "worker",
+                    "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled", "message": '{"error":"x"}'}},
+                }
             ],
         },
     }

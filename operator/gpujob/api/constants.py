@@ -138,6 +138,20 @@ class ExitCode:
     INTERRUPTED: Final = 143  # SIGTERM: resume on the next attempt from the newest checkpoint
 
 
+# GPUJOB_JOB_PARAMS (spec.params as compact JSON, UTF-8 bytes) is one environment variable of the job container:
+# Linux refuses any single argument or env string over MAX_ARG_STRLEN (128 KiB) and the container cannot start.
+# Half of that is the bound, at intake (the bridge) and in the operator (a GpuJob applied with bigger params is
+# Failed with reason InvalidSpec before any Pod is created).
+MAX_PARAMS_BYTES: Final = 64 * 1024
+
+# What the worker's termination message (untrusted: any container may write it) may put into GpuJob.status,
+# bounded as the CRD's status schema is (crds/gpujob.yaml): more would fail every status write.
+MAX_ARTIFACTS: Final = 1000  # status.artifacts maxItems
+MAX_METRICS: Final = 64  # status.metrics maxProperties
+MAX_METRIC_NAME_CHARS: Final = 256  # not bounded by the schema; a name longer than this is dropped
+MAX_RESULT_CHARS: Final = 64 * 1024  # the kubelet keeps 4 KiB of it; anything longer is not parsed
+INT64_MAX: Final = 2**63 - 1  # artifacts[].size is format int64
+
 # The Pod's terminationGracePeriodSeconds: the worker's budget between SIGTERM and its own forced exit.
 POD_TERMINATION_GRACE_SECONDS: Final = 60
 DEFAULT_NON_RETRYABLE_EXIT_CODES: Final = (ExitCode.BAD_INPUT,)

@@ -6,13 +6,20 @@ a unit test keeps the two in step.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
-from gpujob.api.constants import DEFAULT_GPU_RESOURCE, DEFAULT_NON_RETRYABLE_EXIT_CODES, JobType, Phase
+from gpujob.api.constants import (
+    DEFAULT_GPU_RESOURCE,
+    DEFAULT_NON_RETRYABLE_EXIT_CODES,
+    MAX_PARAMS_BYTES,
+    JobType,
+    Phase,
+)
 
 # A GPU extended resource: nvidia.com/gpu, nvidia.com/mig-1g.10gb, amd.com/gpu, ...
 GPU_RESOURCE_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[a-z0-9]([-a-z0-9._]*[a-z0-9])?$"
@@ -147,6 +154,25 @@ class GpuJobSpec(WireModel):
             if re.fullmatch(r"nvidia\.com/.*|amd\.com/gpu", key):
                 raise ValueError(f"set GPUs with spec.gpus/spec.gpuResource, not resources ({key})")
         return value
+
+    def params_json(self) -> str:
+        """spec.params as the worker receives it (GPUJOB_JOB_PARAMS): compact JSON, keys sorted."""
+        return json.dumps(self.params, separators=(",", ":"), sort_keys=True)
+
+    def params_error(self) -> str | None:
+        """Why spec.params cannot be handed to the worker (None when it can): over MAX_PARAMS_BYTES as compact
+        JSON (one env string; Linux refuses a container whose env string is over 128 KiB) or not encodable."""
+        try:
+            size = len(self.params_json().encode())
+        except (ValueError, TypeError, RecursionError) as exc:
+            return f"spec.params cannot be encoded as JSON: {type(exc).__name__}"
+        if size > MAX_PARAMS_BYTES:
+            return (
+                f"spec.params is {size} bytes as compact JSON, over the limit of {MAX_PARAMS_BYTES} bytes "
+                "(it is passed to the worker in one environment variable); pass large inputs by reference "
+                "(e.g. an object key or a file on the models volume)"
+            )
+        return None
 
 
 class Progress(WireModel):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,10 +76,7 @@ def _env(ref: JobRef, spec: GpuJobSpec, attempt: int, defaults: PodDefaults) -> 
     env += [
         {"name": "GPUJOB_JOB_ID", "value": job_id_of(ref, spec)},
         {"name": "GPUJOB_JOB_TYPE", "value": spec.type.value},
-        {
-            "name": "GPUJOB_JOB_PARAMS",
-            "value": json.dumps(spec.params, separators=(",", ":"), sort_keys=True),
-        },
+        {"name": "GPUJOB_JOB_PARAMS", "value": spec.params_json()},  # bounded: GpuJobSpec.params_error
         {"name": "GPUJOB_ATTEMPT", "value": str(attempt)},
         {"name": "GPUJOB_MODELS_DIR", "value": MODELS_MOUNT_PATH},
         {"name": "GPUJOB_TERMINATION_MESSAGE_PATH", "value": TERMINATION_MESSAGE_PATH},

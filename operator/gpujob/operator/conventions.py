@@ -21,6 +21,16 @@ def parse_time(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
+def utf8(text: str) -> str:
+    """`text` as valid UTF-8 (a lone surrogate from a JSON escape becomes '?'): the API server would store
+    U+FFFD instead, and a status that never reads back as written would be rewritten on every pass."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode(errors="replace").decode()
+    return text
+
+
 def truncate(text: str, limit: int = MESSAGE_LIMIT) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

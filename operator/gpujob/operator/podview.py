@@ -4,12 +4,27 @@ reading of how it ended: taken away from outside (not the job's fault) or the jo
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from gpujob.api.constants import ExitCode, Label, PodPhase, Reason
-from gpujob.operator.conventions import parse_time
+from pydantic import ValidationError
+
+from gpujob.api.constants import (
+    CONTAINER_NAME,
+    INT64_MAX,
+    MAX_ARTIFACTS,
+    MAX_METRIC_NAME_CHARS,
+    MAX_METRICS,
+    MAX_RESULT_CHARS,
+    ExitCode,
+    Label,
+    PodPhase,
+    Reason,
+)
+from gpujob.api.models import Artifact
+from gpujob.operator.conventions import parse_time, utf8
 
 # Pod/container reasons that mean "not this job's fault": the Pod was taken away from outside.
 ALIVE_POD_PHASES = frozenset({PodPhase.PENDING, PodPhase.RUNNING, PodPhase.UNKNOWN})  # a process may still be running
@@ -58,6 +73,11 @@ class PodView:
         return self.phase in ALIVE_POD_PHASES and not self.deleting
 
     @property
+    def worker_finished(self) -> bool:
+        """The worker's container has terminated (its exit code is known), whatever other containers do."""
+        return self.exit_code is not None
+
+    @property
     def lost(self) -> bool:
         """Being deleted by the taint manager because its node is lost: counted as gone (see
         LOST_NODE_DISRUPTION), though its phase is still Pending/Running."""
@@ -72,11 +92,17 @@ def pod_view(pod: dict[str, Any]) -> PodView:
     reason, message = status.get("reason"), status.get("message")
     exit_code = result = None
     started = finished = None
+    # The worker's container by name: an injected sidecar (a service mesh proxy, a log shipper) has statuses of
+    # its own in the same list, in any order (the kubelet sorts them by name).
     for cs in status.get("containerStatuses") or []:
+        if cs.get("name") != CONTAINER_NAME:
+            continue
         state = cs.get("state") or {}
         if "terminated" in state:
             term = state["terminated"]
             exit_code, result = term.get("exitCode"), term.get("message")
+            if isinstance(result, str) and len(result) > MAX_RESULT_CHARS:
+                result = result[:MAX_RESULT_CHARS]  # no longer JSON: read as text (see worker_result)
             reason = reason or term.get("reason")
             message = message or (None if result else term.get("message"))
             started, finished = parse_time(term.get("startedAt")), parse_time(term.get("finishedAt"))
@@ -134,6 +160,59 @@ def taken_away(pod: PodView) -> str | None:
     return None
 
 
+def _result_object(text: str | None) -> dict[str, Any]:
+    """The worker's termination message as a JSON object; {} for anything else (text, a list, nesting too deep
+    for the parser, a message cut at MAX_RESULT_CHARS)."""
+    if not text or not text.lstrip().startswith("{"):
+        return {}
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _metric(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float
+        return None
+    return number if math.isfinite(number) else None  # JSON has no NaN/Infinity: the API server refuses them
+
+
+def worker_result(text: str | None) -> tuple[list[Artifact], dict[str, float]]:
+    """Artifacts and metrics from the worker's termination message. Untrusted input (any process in the
+    container can write it): each entry is validated on its own and invalid ones are dropped, strings are made
+    valid UTF-8, and the counts are bounded as the CRD's status schema is, so the status write always passes."""
+    data = _result_object(text)
+    artifacts: list[Artifact] = []
+    raw_artifacts = data.get("artifacts")
+    for raw in raw_artifacts if isinstance(raw_artifacts, list) else []:
+        if len(artifacts) >= MAX_ARTIFACTS:
+            break
+        if not isinstance(raw, dict):
+            continue
+        try:
+            artifact = Artifact.model_validate(raw)
+        except ValidationError:
+            continue
+        if artifact.size > INT64_MAX:  # status.artifacts[].size is format int64
+            continue
+        artifact.key = utf8(artifact.key)
+        artifacts.append(artifact)
+    metrics: dict[str, float] = {}
+    raw_metrics = data.get("metrics")
+    for name, value in (raw_metrics if isinstance(raw_metrics, dict) else {}).items():
+        if len(metrics) >= MAX_METRICS:
+            break
+        number = _metric(value)
+        if number is not None and 0 < len(name) <= MAX_METRIC_NAME_CHARS:
+            metrics[utf8(name)] = number
+    return artifacts, metrics
+
+
 def failure_reason(pod: PodView) -> tuple[str, str]:
     if pod.reason == Reason.DEADLINE_EXCEEDED:
         return Reason.DEADLINE_EXCEEDED, pod.message or "attempt exceeded timeoutSeconds"
@@ -143,11 +222,6 @@ def failure_reason(pod: PodView) -> tuple[str, str]:
     reason = _EXIT_REASONS.get(pod.exit_code, Reason.ERROR) if pod.exit_code is not None else Reason.ERROR
     if pod.result and not pod.result.lstrip().startswith("{"):
         text += f": {pod.result.strip()}"
-    else:
-        try:
-            error = json.loads(pod.result or "{}").get("error")
-        except (ValueError, AttributeError):
-            error = None
-        if error:
-            text += f": {error}"
-    return reason, text
+    elif error := _result_object(pod.result).get("error"):
+        text += f": {error}"
+    return reason, utf8(text)

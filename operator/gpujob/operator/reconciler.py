@@ -22,7 +22,7 @@ from gpujob.api.models import GpuJobSpec, GpuJobStatus
 from gpujob.kube import ApiException
 from gpujob.operator.builders import JobRef, PodDefaults, build_pod
 from gpujob.operator.cache import JobKey, Store
-from gpujob.operator.status import Decision, Transition, decide, fail_now, status_patch
+from gpujob.operator.status import Decision, Transition, decide, fail_now, status_patch, without_worker_output
 
 log = logging.getLogger("gpujob.reconciler")
 
@@ -163,14 +163,27 @@ class Reconciler:
         patch = status_patch(job.get("status") or {}, decision.status)
         if not patch:
             return
+        resource_version = job["metadata"].get("resourceVersion")
         try:
-            stored = await kube.patch_gpujob_status(*key, patch, job["metadata"].get("resourceVersion"))
+            stored = await kube.patch_gpujob_status(*key, patch, resource_version)
         except ApiException as exc:
             if exc.status == 409:  # someone wrote in between: decide again from the fresh object
                 fresh = await kube.get_gpujob(*key)
                 if fresh is not None:
                     self.store.put_job(fresh)
-            raise
+            if not kube.rejected_for_good(exc) or not (decision.status.artifacts or decision.status.metrics):
+                raise
+            # The API server refuses the status, and only the worker's output can be why (its termination
+            # message is untrusted; status logic bounds it, this is the backstop): write the phase without it,
+            # rather than retry a write that can never pass and leave the job in its old phase.
+            log.error(
+                "status of %s/%s refused (%s); written without the worker's artifacts and metrics",
+                *key,
+                kube.message_of(exc),
+            )
+            decision.status = without_worker_output(decision.status)
+            patch = status_patch(job.get("status") or {}, decision.status)
+            stored = await kube.patch_gpujob_status(*key, patch, resource_version)
         if stored is None:
             return
         self.store.put_job(stored)

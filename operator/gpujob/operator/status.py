@@ -7,7 +7,6 @@ the caller acts and writes status only if it changed. No I/O, no clock: `now` is
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -15,10 +14,17 @@ from typing import Any
 from pydantic import ValidationError
 
 from gpujob.api.constants import ConditionType, Phase, PodPhase, Reason
-from gpujob.api.models import Artifact, GpuJobSpec, GpuJobStatus, Progress
+from gpujob.api.models import GpuJobSpec, GpuJobStatus, Progress
 from gpujob.operator import policy
 from gpujob.operator.conventions import iso, parse_time, set_condition, truncate
-from gpujob.operator.podview import ALIVE_POD_PHASES, WAITING_REASONS, PodView, failure_reason, taken_away
+from gpujob.operator.podview import (
+    ALIVE_POD_PHASES,
+    WAITING_REASONS,
+    PodView,
+    failure_reason,
+    taken_away,
+    worker_result,
+)
 
 
 @dataclass(frozen=True)
@@ -63,19 +69,6 @@ class _Builder:
         self.status.message = truncate(message) if message else None
 
 
-def _result(pod: PodView) -> tuple[list[Artifact], dict[str, float]]:
-    """Artifacts and metrics from the worker's JSON termination message; anything else is ignored."""
-    if not pod.result:
-        return [], {}
-    try:
-        data = json.loads(pod.result)
-        artifacts = [Artifact.model_validate(a) for a in data.get("artifacts") or []]
-        metrics = {str(k): float(v) for k, v in (data.get("metrics") or {}).items() if isinstance(v, int | float)}
-    except (ValueError, TypeError, AttributeError, ValidationError):
-        return [], {}
-    return artifacts, metrics
-
-
 def _finish(b: _Builder, phase: Phase, reason: str, message: str) -> None:
     b.phase(phase, reason, message)
     b.status.completion_time = b.status.completion_time or iso(b.now)
@@ -87,13 +80,19 @@ def _finish(b: _Builder, phase: Phase, reason: str, message: str) -> None:
         b.cond(ConditionType.FAILED, True, reason, message)
 
 
-def _start_attempt(b: _Builder, d: Decision, reason: str, message: str, pods: list[PodView]) -> bool:
+def _start_attempt(b: _Builder, d: Decision, spec: GpuJobSpec, reason: str, message: str, pods: list[PodView]) -> bool:
     """Start the next attempt, unless a Pod of this job is still alive (even while terminating): never two
     Pods of one job at once. Alive Pods are deleted; their deletion events bring us back here. A Pod on a lost
-    node (taken by the taint manager) is not waited for: its node, and with it the Pod's process, is gone."""
+    node (taken by the taint manager) is not waited for: its node, and with it the Pod's process, is gone.
+    A spec the worker cannot be given (params too large for its env) fails the job instead: its Pod could
+    never start."""
     alive = [p for p in pods if p.phase in ALIVE_POD_PHASES and not p.lost]
     if alive:
         d.delete_pods += [p.name for p in alive if not p.deleting and p.name not in d.delete_pods]
+        return False
+    if (invalid := spec.params_error()) is not None:
+        _finish(b, Phase.FAILED, Reason.INVALID_SPEC, invalid)
+        _ttl(spec, b.status, b.now, d)
         return False
     b.status.attempts += 1
     b.status.pod_name = None
@@ -186,7 +185,7 @@ def decide(body: dict[str, Any], pods: list[PodView], now: datetime, *, spec: Gp
         b.status.next_attempt_time = None
         _observe_pod(b, d, spec, pod, now, pods)
     elif b.status.phase is Phase.SUSPENDED:
-        if _start_attempt(b, d, Reason.RESUMED, "resumed", pods):
+        if _start_attempt(b, d, spec, Reason.RESUMED, "resumed", pods):
             b.cond(ConditionType.SUSPENDED, False, Reason.RESUMED, "spec.suspend is false")
     elif b.status.phase is Phase.RETRYING:
         due = parse_time(b.status.next_attempt_time) or now
@@ -195,15 +194,19 @@ def decide(body: dict[str, Any], pods: list[PodView], now: datetime, *, spec: Gp
         elif pod is not None and pod.deleting and not pod.lost:
             pass  # wait until the failed attempt's Pod is gone: never two Pods of one job at once
         elif due <= now:
-            _start_attempt(b, d, Reason.POD_CREATED, f"retrying after {b.status.failures} failed attempt(s)", pods)
+            _start_attempt(
+                b, d, spec, Reason.POD_CREATED, f"retrying after {b.status.failures} failed attempt(s)", pods
+            )
         else:
             d.requeue_after = (due - now).total_seconds()
     elif b.status.attempts == 0:
-        _start_attempt(b, d, Reason.POD_CREATED, "Pod created", pods)
+        _start_attempt(b, d, spec, Reason.POD_CREATED, "Pod created", pods)
     elif pod is None:
         # The Pod of the current attempt vanished from outside (node loss, preemption, kubectl delete):
         # start over without charging the job for it.
-        _start_attempt(b, d, Reason.POD_DELETED, f"Pod of attempt {b.status.attempts} was deleted; new attempt", pods)
+        _start_attempt(
+            b, d, spec, Reason.POD_DELETED, f"Pod of attempt {b.status.attempts} was deleted; new attempt", pods
+        )
     else:
         _observe_pod(b, d, spec, pod, now, pods)
     d.delete_pods += [name for name in stale if name not in d.delete_pods]
@@ -218,7 +221,7 @@ def _observe_pod(b: _Builder, d: Decision, spec: GpuJobSpec, pod: PodView, now: 
     b.status.node_name = pod.node_name or b.status.node_name
     if pod.lost:  # its node is gone: a new attempt now, not the job's failure
         where = f" on lost node {pod.node_name}" if pod.node_name else ""
-        _start_attempt(b, d, Reason.EVICTED, f"attempt {pod.attempt} evicted{where} ({pod.disruption})", pods)
+        _start_attempt(b, d, spec, Reason.EVICTED, f"attempt {pod.attempt} evicted{where} ({pod.disruption})", pods)
         return
     if pod.deleting and pod.phase not in {PodPhase.SUCCEEDED, PodPhase.FAILED}:
         return  # being deleted from outside: the next attempt starts once it is gone
@@ -240,28 +243,48 @@ def _observe_pod(b: _Builder, d: Decision, spec: GpuJobSpec, pod: PodView, now: 
             _attempt_failed(b, d, spec, pod, why, f"{msg} ({pod.message or why})")
         else:
             d.requeue_after = (deadline - now).total_seconds()
+    elif pod.phase == PodPhase.RUNNING and pod.worker_finished and not pod.disruption:
+        # The worker is done but the Pod runs on: a sidecar container outlives it. The worker's exit code is
+        # the attempt's outcome; the Pod (and with it the sidecar) is deleted.
+        d.delete_pods.append(pod.name)
+        if pod.exit_code == 0:
+            _succeed(b, d, spec, pod, now)
+        else:
+            failure, message = failure_reason(pod)
+            _attempt_failed(b, d, spec, pod, failure, message)
+            if b.status.phase is Phase.FAILED:
+                _ttl(spec, b.status, now, d)
     elif pod.phase == PodPhase.RUNNING:
         b.status.start_time = b.status.start_time or iso(pod.started_at or now)
         b.cond(ConditionType.SCHEDULED, True, Reason.POD_RUNNING, f"running on {pod.node_name}")
         b.cond(ConditionType.RUNNING, True, Reason.POD_RUNNING, f"attempt {pod.attempt} running")
         b.phase(Phase.RUNNING, Reason.POD_RUNNING, f"attempt {pod.attempt} running on {pod.node_name}")
     elif pod.phase == PodPhase.SUCCEEDED:
-        b.status.start_time = b.status.start_time or iso(pod.started_at or now)
-        b.status.exit_code = pod.exit_code if pod.exit_code is not None else 0
-        b.status.artifacts, b.status.metrics = _result(pod)
-        _finish(b, Phase.SUCCEEDED, Reason.SUCCEEDED, f"attempt {pod.attempt} succeeded")
-        _ttl(spec, b.status, now, d)
+        _succeed(b, d, spec, pod, now)
     elif pod.phase == PodPhase.FAILED:
         if (taken := taken_away(pod)) is not None:
             if not pod.deleting:
                 d.delete_pods.append(pod.name)
             restart = Reason.POD_DELETED if taken == "deleted" else Reason.EVICTED
-            _start_attempt(b, d, restart, f"attempt {pod.attempt} {taken}: {pod.message or ''}".rstrip(": "), pods)
+            _start_attempt(
+                b, d, spec, restart, f"attempt {pod.attempt} {taken}: {pod.message or ''}".rstrip(": "), pods
+            )
+            return
+        if pod.exit_code == 0:  # the worker succeeded; another container of its Pod (a sidecar) failed
+            _succeed(b, d, spec, pod, now)
             return
         failure, message = failure_reason(pod)
         _attempt_failed(b, d, spec, pod, failure, message)
         if b.status.phase is Phase.FAILED:
             _ttl(spec, b.status, now, d)
+
+
+def _succeed(b: _Builder, d: Decision, spec: GpuJobSpec, pod: PodView, now: datetime) -> None:
+    b.status.start_time = b.status.start_time or iso(pod.started_at or now)
+    b.status.exit_code = pod.exit_code if pod.exit_code is not None else 0
+    b.status.artifacts, b.status.metrics = worker_result(pod.result)
+    _finish(b, Phase.SUCCEEDED, Reason.SUCCEEDED, f"attempt {pod.attempt} succeeded")
+    _ttl(spec, b.status, now, d)
 
 
 def _ttl(spec: GpuJobSpec, status: GpuJobStatus, now: datetime, d: Decision) -> None:
@@ -285,6 +308,12 @@ def status_patch(old: dict[str, Any], new: GpuJobStatus) -> dict[str, Any]:
         if wanted.get(alias) != old.get(alias) and not (alias not in wanted and old.get(alias) in (None, [], {})):
             patch[alias] = wanted.get(alias)
     return patch
+
+
+def without_worker_output(status: GpuJobStatus) -> GpuJobStatus:
+    """`status` less what the worker's termination message put there (artifacts, metrics): what is written when
+    the API server refused the full status, so that worker output can never keep a job from its phase."""
+    return status.model_copy(update={"artifacts": [], "metrics": {}}, deep=True)
 
 
 def fail_now(body: dict[str, Any], reason: str, message: str, now: datetime) -> Decision:
