@@ -334,12 +334,15 @@ async def patch_gpujob_status(
         raise
 
 
-async def delete_gpujob(namespace: str, name: str) -> Outcome:
+async def delete_gpujob(namespace: str, name: str, uid: str | None = None) -> Outcome:
+    """Delete a GpuJob; with `uid`, only that one (a precondition: a GpuJob re-created under the same name has
+    another uid, and the API server answers 409, taken here as "already gone")."""
     custom: Any = client.CustomObjectsApi(await api_client())
+    body = {"preconditions": {"uid": uid}} if uid else None
     try:
-        await custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        await custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, body=body)
     except ApiException as exc:
-        if exc.status == 404:
+        if exc.status == 404 or (uid and exc.status == 409):
             return Outcome.ABSENT
         raise
     return Outcome.DELETED

@@ -155,7 +155,8 @@ class Reconciler:
                 decision.status.pod_name = pod_body["metadata"]["name"]
         await self._write_status(key, job, decision)
         if decision.delete_job:
-            await kube.delete_gpujob(*key)
+            # Only this GpuJob: one re-created under the same name since (another uid) is not ours to delete.
+            await kube.delete_gpujob(*key, uid=ref.uid or None)
         elif decision.requeue_after is not None:
             self.trigger_soon(key, decision.requeue_after)
 
