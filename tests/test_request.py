@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpujob.api.constants import Annotation, JobType, Label
+from gpujob.api.constants import MAX_PARAMS_BYTES, Annotation, JobType, Label
 from gpujob.api.models import JOB_ID_PATTERN, GpuJobSpec
 from gpujob.api.naming import job_name, label_value
 from gpujob.api.request import (
@@ -125,6 +125,17 @@ def test_an_oversized_entry_is_refused_before_parsing() -> None:
     big = json.dumps({"jobId": "big", "type": "custom", "params": {"blob": "x" * MAX_ENTRY_BYTES}})
     with pytest.raises(InvalidEntry, match="over the"):
         parse_entry(entry(big))
+
+
+def test_params_the_worker_could_not_be_given_are_refused_at_intake() -> None:
+    """Over MAX_PARAMS_BYTES as compact JSON (one env string for the worker): dead-lettered with the size, not
+    turned into a GpuJob that the operator would fail; just under the limit is fine."""
+    overhead = len(json.dumps({"blob": ""}, separators=(",", ":")))
+    at_limit = {"jobId": "p", "type": "custom", "params": {"blob": "x" * (MAX_PARAMS_BYTES - overhead)}}
+    assert parse_entry(entry(at_limit)).job_id == "p"
+    over = {"jobId": "p", "type": "custom", "params": {"blob": "é" * (MAX_PARAMS_BYTES // 2)}}
+    with pytest.raises(InvalidEntry, match=f"over the limit of {MAX_PARAMS_BYTES} bytes"):
+        parse_entry(entry(over))
 
 
 def test_unknown_action_is_refused_with_the_expected_values() -> None:

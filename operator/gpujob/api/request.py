@@ -125,6 +125,8 @@ def _parse(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> Entry:
         request = model.model_validate(data)
     except ValidationError as exc:
         raise InvalidEntry(_validation_reason(exc)) from None
+    if isinstance(request, JobRequest) and (why := request.params_error()):
+        raise InvalidEntry(f"invalid request: {why}")  # the operator would fail it too, after a GpuJob was made
     return Entry(action=action, request=request)
 
 
