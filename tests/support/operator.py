@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from gpujob.api.constants import GROUP, PLURAL, VERSION, Label
+from gpujob.api.constants import GROUP, PLURAL, VERSION, Label, Phase
 from gpujob.api.naming import label_value
 from gpujob.sandbox.procs import free_port, wait_for
 from tests.support.kubernetes import ApiTarget
@@ -227,9 +227,12 @@ class Cluster:
         self.core.patch_namespaced_pod_status(pod_name, self.namespace, {"status": status})
 
     def run_pod(self, job_name: str, attempt: int, exit_code: int = 0, **kw: Any) -> str:
+        """The attempt's Pod runs, the operator sees it Running, then it ends. (The operator reports the phases it
+        sees: Running and Succeeded within one of its batching windows would rightly skip Running.)"""
         pod = self.wait_pod(job_name, attempt)
         name: str = pod.metadata.name
         self.set_pod(name, "Running")
+        self.wait_phase(job_name, Phase.RUNNING)
         self.set_pod(name, "Succeeded" if exit_code == 0 else "Failed", exit_code=exit_code, **kw)
         return name
 
