@@ -19,6 +19,7 @@ from tests.support.chart import (
     CRD_FILE,
     NAMESPACE,
     RELEASE,
+    REQUIRED_VALUES,
     ROOT,
     Account,
     allowed,
@@ -154,6 +155,8 @@ def test_helm_lint_strict(variant: Path | None) -> None:
     args: list[str | Path] = ["lint", "--strict", CHART, "--namespace", NAMESPACE]
     if variant:
         args += ["-f", variant]
+    else:
+        args += REQUIRED_VALUES
     out = helm(*args)
     assert "0 chart(s) failed" in out.stdout
     assert "[WARNING]" not in out.stdout and "[ERROR]" not in out.stdout, out.stdout
@@ -220,7 +223,7 @@ def test_rendered_manifests_are_valid_kubernetes(variant: Path | None) -> None:
 
 def test_kubectl_reads_every_rendered_object(variant: Path | None, tmp_path: Path) -> None:
     """The real kubectl parses and edits every rendered object offline (no cluster needed)."""
-    args: list[str | Path] = ["template", RELEASE, CHART, "--namespace", NAMESPACE]
+    args: list[str | Path] = ["template", RELEASE, CHART, "--namespace", NAMESPACE, *REQUIRED_VALUES]
     if variant:
         args += ["-f", variant]
     manifest = tmp_path / "rendered.yaml"
@@ -584,14 +587,143 @@ def test_names_fit_kubernetes_limits_for_the_longest_release_name() -> None:
 
 def test_notes_print_real_next_commands() -> None:
     out = helm(
-        "install", RELEASE, CHART, "--namespace", NAMESPACE, "--dry-run=client",
+        "install", RELEASE, CHART, "--namespace", NAMESPACE, "--dry-run=client", *REQUIRED_VALUES,
         "--set", "redis.existingSecret=gpujob-redis",
     ).stdout  # fmt: skip
     notes = out.split("NOTES:", 1)[1]
-    assert "kubectl -n gpujob-system apply -f examples/train-lora.yaml" in notes
-    assert (ROOT / "examples" / "train-lora.yaml").is_file()
+    assert "| kubectl -n gpujob-system apply -f -" in notes
     assert "get gj" in notes
     assert "gpujob submit" in notes and "gpujob watch" in notes
     assert f"port-forward service/{RELEASE}-gpujob-operator-metrics 8080:8080" in notes
     assert "kubectl apply --server-side" in notes  # the CRD upgrade path
     assert "{{" not in notes and "<no value>" not in notes
+
+
+# --- safe defaults that say what is missing (issue 13 item 9)
+
+
+def test_an_empty_s3_endpoint_fails_the_install_with_a_clear_message() -> None:
+    """Without it every job Pod would get GPUJOB_S3_ENDPOINT=localhost:9000 and fail its uploads."""
+    for command in (["template", RELEASE, CHART], ["install", RELEASE, CHART, "--dry-run=client"]):
+        out = helm(*command, check=False)
+        assert out.returncode != 0, command
+        assert "s3.endpoint is required" in out.stderr + out.stdout, out.stderr
+    env = env_of(operator_container(render()))
+    assert env["GPUJOB_S3_ENDPOINT"]["value"] == "minio.storage.svc:9000"
+    for variant in CI_FILES:  # every tested variant installs as it is (chart-testing installs them so)
+        assert values_of(variant)["s3"]["endpoint"], variant.name
+
+
+def test_resource_names_never_repeat_the_chart_name() -> None:
+    for release, expected in {
+        "gpujob": "gpujob-operator",  # the README's release name
+        "gpujob-operator": "gpujob-operator",
+        "prod": "prod-gpujob-operator",
+        "gj": "gj-gpujob-operator",
+    }.items():
+        docs = render(release=release)
+        assert the(docs, "Deployment")["metadata"]["name"] == expected, release
+        for doc in docs:
+            name = doc["metadata"]["name"]
+            assert "gpujob-gpujob" not in name, (release, doc["kind"], name)
+
+
+def test_job_pods_get_the_chart_defaults_and_the_job_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """worker.imagePullSecrets / nodeSelector / tolerations / priorityClassName reach every job Pod through the
+    operator's settings; a GpuJob's own values win (priority, node selector keys) or add (pull secrets, tolerations)."""
+    from gpujob.api.models import GpuJobSpec
+    from gpujob.operator.builders import JobRef, build_pod
+    from gpujob.operator.runtime import pod_defaults
+    from gpujob.settings import Settings
+
+    docs = render(
+        extra=[
+            "--set", "worker.imagePullSecrets[0].name=registry-cred",
+            "--set", "worker.nodeSelector.node-pool=gpu",
+            "--set", "worker.tolerations[0].key=dedicated",
+            "--set", "worker.tolerations[0].operator=Equal",
+            "--set", "worker.tolerations[0].value=ml",
+            "--set", "worker.tolerations[0].effect=NoSchedule",
+            "--set", "worker.priorityClassName=gpujob-batch",
+        ]
+    )  # fmt: skip
+    bare_defaults = pod_defaults(Settings(), {})
+    environ = {name: e["value"] for name, e in env_of(operator_container(docs)).items() if "value" in e}
+    for name, value in environ.items():  # as the operator's container gets them
+        monkeypatch.setenv(name, value)
+    defaults = pod_defaults(Settings(), environ)
+    ref = JobRef("ml", "job", "0123456789abcdef")
+
+    plain = build_pod(ref, GpuJobSpec.model_validate({"type": "custom", "gpus": 0}), 1, defaults)["spec"]
+    assert plain["imagePullSecrets"] == [{"name": "registry-cred"}]
+    assert plain["nodeSelector"] == {"node-pool": "gpu"}
+    assert plain["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}]
+    assert plain["priorityClassName"] == "gpujob-batch"
+
+    own = GpuJobSpec.model_validate(
+        {
+            "type": "custom",
+            "imagePullSecrets": [{"name": "team-cred"}, {"name": "registry-cred"}],
+            "nodeSelector": {"node-pool": "a100", "zone": "b"},
+            "priorityClassName": "urgent",
+        }
+    )
+    spec = build_pod(ref, own, 1, defaults)["spec"]
+    assert spec["imagePullSecrets"] == [{"name": "registry-cred"}, {"name": "team-cred"}]
+    assert spec["nodeSelector"] == {"node-pool": "a100", "zone": "b"}
+    assert spec["priorityClassName"] == "urgent"
+    assert {t.get("key") for t in spec["tolerations"]} == {"dedicated", "nvidia.com/gpu"}
+    # Nothing set: no empty fields on the Pod.
+    bare = build_pod(ref, GpuJobSpec.model_validate({"type": "custom", "gpus": 0}), 1, bare_defaults)
+    assert not {"imagePullSecrets", "nodeSelector", "tolerations", "priorityClassName"} & set(bare["spec"])
+
+
+def test_one_documented_default_for_the_job_namespace() -> None:
+    """The chart's default (the release namespace) is what the README and values.yaml say."""
+    for namespace in (NAMESPACE, "other"):
+        docs = [d for d in render(extra=["--namespace", namespace]) if d["kind"] == "Deployment"]
+        assert env_of(operator_container(docs))["GPUJOB_NAMESPACE"]["value"] == namespace
+    values_text = (CHART / "values.yaml").read_text()
+    assert "empty (the default) = the\n# release namespace" in values_text
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "`jobNamespace` (default: empty = the release namespace" in readme
+    chart_readme = " ".join((CHART / "README.md").read_text().split())
+    assert "empty = the release namespace" in chart_readme
+
+
+def test_notes_commands_work_from_a_packaged_chart(tmp_path: Path) -> None:
+    """`helm package`, then install the .tgz: NOTES name the package, and every file or command they use exists
+    without a checkout of the repository."""
+    from gpujob.api.models import GpuJobSpec
+    from gpujob.worker.tasks.video import VideoParams
+
+    helm("package", CHART, "--destination", tmp_path)
+    version = yaml.safe_load((CHART / "Chart.yaml").read_text())["version"]
+    package = tmp_path / f"gpujob-operator-{version}.tgz"
+    assert package.is_file()
+    out = helm(
+        "install", "gpujob", package, "--namespace", NAMESPACE, "--dry-run=client", *REQUIRED_VALUES,
+        "--set", "redis.existingSecret=gpujob-redis",
+    ).stdout  # fmt: skip
+    notes = out.split("NOTES:", 1)[1]
+    assert "<chart>" not in notes and "{{" not in notes and "<no value>" not in notes
+    assert "-f examples/" not in notes, "the packaged chart has no examples/ directory"
+    assert f"CHART={package.name}" in notes
+    crds = helm("show", "crds", package).stdout  # the CRD upgrade command, run as written
+    assert "gpujobs.gpujob.dev" in crds
+    (line,) = [line for line in notes.splitlines() if "| kubectl" in line and "apply -f -" in line]
+    manifest = json.loads(re.fullmatch(r"\s*echo '(.*)' \| kubectl -n \S+ apply -f -", line).group(1))  # type: ignore[union-attr]
+    jsonschema.validate(
+        manifest["spec"], _crd_schema()["properties"]["spec"]
+    )  # the API server accepts it (the CRD's schema)
+    spec = GpuJobSpec.model_validate(manifest["spec"])
+    VideoParams.model_validate(spec.params)  # and the worker does
+    assert f"describe gj {manifest['metadata']['name']}" in notes
+    submit = re.search(r"gpujob submit .*--params '(.*)'", notes)
+    assert submit and VideoParams.model_validate(json.loads(submit.group(1)))
+
+
+def _crd_schema() -> dict[str, Any]:
+    crd = yaml.safe_load(CRD_FILE.read_text())
+    schema: dict[str, Any] = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return schema

@@ -15,6 +15,8 @@ from typing import Final
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gpujob.api.models import Toleration
+
 ENV_PREFIX: Final = "GPUJOB_"
 _CONFIG: Final = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
@@ -43,6 +45,22 @@ class OperatorSettings(BaseSettings):
             "GPUJOB_S3_REGION",
         ],
         description="Non-secret operator settings copied into job Pods as plain env.",
+    )
+    image_pull_secrets: list[str] = Field(
+        default_factory=list,
+        description="Secrets (names, a JSON list) for pulling job images, in each job namespace; a GpuJob's "
+        "spec.imagePullSecrets are added.",
+    )
+    job_node_selector: dict[str, str] = Field(
+        default_factory=dict,
+        description="Default nodeSelector of job Pods (a JSON object); a GpuJob's spec.nodeSelector wins per key.",
+    )
+    job_tolerations: list[Toleration] = Field(
+        default_factory=list,
+        description="Default tolerations of job Pods (a JSON list), added to a GpuJob's spec.tolerations.",
+    )
+    job_priority_class_name: str | None = Field(
+        None, description="Default priorityClassName of job Pods; a GpuJob's spec.priorityClassName wins."
     )
     pod_run_as_user: int = Field(10001, description="uid/gid job Pods run as (the worker image's user).")
     worker_service_account: str | None = Field(None, description="serviceAccountName of job Pods (no token).")

@@ -22,6 +22,8 @@ CHART = ROOT / "charts" / "gpujob-operator"
 CRD_FILE = ROOT / "crds" / "gpujob.yaml"
 RELEASE = "gj"
 NAMESPACE = "gpujob-system"
+# Values the chart requires (it fails without them): given to every render and install of the tests.
+REQUIRED_VALUES: tuple[str, ...] = ("--set", "s3.endpoint=minio.storage.svc:9000")
 
 
 def binary(name: str) -> Path:
@@ -77,7 +79,7 @@ def parse_manifests(text: str) -> list[dict[str, Any]]:
 def _render(
     values_file: Path | None, extra: tuple[str, ...], include_crds: bool, release: str
 ) -> tuple[dict[str, Any], ...]:
-    cmd: list[str | Path] = ["template", release, CHART, "--namespace", NAMESPACE]
+    cmd: list[str | Path] = ["template", release, CHART, "--namespace", NAMESPACE, *REQUIRED_VALUES]
     if include_crds:
         cmd.append("--include-crds")
     out = helm(*cmd, *values_args(values_file, extra)).stdout

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from gpujob.sandbox.realcluster import KubernetesSandbox, prepare_namespace, run_kubectl
-from tests.support.chart import CHART, NAMESPACE, RELEASE, helm, parse_manifests
+from tests.support.chart import CHART, NAMESPACE, RELEASE, REQUIRED_VALUES, helm, parse_manifests
 
 REPO = Path(__file__).resolve().parents[2]
 CRDS = REPO / "crds"
@@ -91,7 +91,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 def _install_operator_rbac(sandbox: KubernetesSandbox) -> tuple[str, str]:
     """The chart's ServiceAccount and cluster-wide RBAC, rendered by helm and applied with kubectl."""
-    docs = parse_manifests(helm("template", RELEASE, CHART, "--namespace", NAMESPACE).stdout)
+    docs = parse_manifests(helm("template", RELEASE, CHART, "--namespace", NAMESPACE, *REQUIRED_VALUES).stdout)
     rbac = [d for d in docs if d.get("kind") in RBAC_KINDS]
     account = next(d for d in rbac if d["kind"] == "ServiceAccount")
     namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}

@@ -6,7 +6,9 @@ Chart name, truncated to 63 characters (the DNS label limit).
 {{- end }}
 
 {{/*
-Full name: release-chart unless the release name already contains the chart name; 63 characters at most.
+Full name, 63 characters at most: the release name when it already contains the chart name ("gpujob-operator"),
+the chart name when the release name is its first word ("gpujob" -> "gpujob-operator", never
+"gpujob-gpujob-operator"), else release-chart ("prod" -> "prod-gpujob-operator").
 */}}
 {{- define "gpujob.fullname" -}}
 {{- if .Values.fullnameOverride }}
@@ -15,6 +17,8 @@ Full name: release-chart unless the release name already contains the chart name
 {{- $name := default .Chart.Name .Values.nameOverride }}
 {{- if contains $name .Release.Name }}
 {{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else if hasPrefix (printf "%s-" .Release.Name) $name }}
+{{- $name | trunc 63 | trimSuffix "-" }}
 {{- else }}
 {{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
 {{- end }}
@@ -147,5 +151,8 @@ Checks of combinations the schema cannot express; rendered (as nothing) by the D
 {{- end }}
 {{- if and (eq .Values.models.source "nfs") (or (not .Values.models.nfs.server) (not .Values.models.nfs.path)) }}
 {{- fail "models.source=nfs needs models.nfs.server and models.nfs.path" }}
+{{- end }}
+{{- if not .Values.s3.endpoint }}
+{{- fail "s3.endpoint is required: the host:port of the S3/MinIO endpoint job Pods upload artifacts to (e.g. --set s3.endpoint=minio.storage.svc:9000); without it every job would fail trying localhost:9000" }}
 {{- end }}
 {{- end }}

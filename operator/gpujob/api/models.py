@@ -25,6 +25,7 @@ from gpujob.api.constants import (
 GPU_RESOURCE_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[a-z0-9]([-a-z0-9._]*[a-z0-9])?$"
 JOB_ID_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._:-]{0,126}[A-Za-z0-9])?$"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 QUANTITY_PATTERN = (
     r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
@@ -87,6 +88,12 @@ class EnvVar(WireModel):
         return value
 
 
+class SecretReference(WireModel):
+    """A Secret in the job's namespace, by name (as a Pod's imagePullSecrets entries)."""
+
+    name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
+
+
 class Toleration(WireModel):
     key: str | None = Field(None, max_length=317)
     operator: str | None = Field(None, pattern="^(Exists|Equal)$")
@@ -122,6 +129,9 @@ class GpuJobSpec(WireModel):
     params: dict[str, Any] = Field(default_factory=dict)
     image: str | None = Field(None, min_length=1, max_length=1024, description="Defaults to the worker image.")
     image_pull_policy: str | None = Field(None, pattern="^(Always|IfNotPresent|Never)$")
+    image_pull_secrets: list[SecretReference] = Field(
+        default_factory=list, max_length=16, description="Added to the operator's default pull secrets."
+    )
     command: list[Arg] | None = Field(None, max_length=64, description="Defaults to the worker entrypoint.")
     args: list[Arg] = Field(default_factory=list, max_length=256)
     env: list[EnvVar] = Field(default_factory=list, max_length=64)

@@ -33,6 +33,11 @@ class PodDefaults:
     run_as_user: int = 10001
     service_account: str | None = None
     passthrough_env: dict[str, str] = field(default_factory=dict)  # non-secret settings, e.g. S3 endpoint
+    # Cluster-wide defaults of job Pods (chart: worker.*); a GpuJob's own values win or add to them.
+    image_pull_secrets: tuple[str, ...] = ()
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: tuple[dict[str, Any], ...] = ()
+    priority_class_name: str | None = None
     shm_size: str = "2Gi"
 
 
@@ -111,10 +116,12 @@ def _covers_gpu_taint(toleration: dict[str, Any]) -> bool:
     return toleration.get("key") in (None, GPU_TAINT_KEY)
 
 
-def _tolerations(spec: GpuJobSpec) -> list[dict[str, Any]]:
-    """The user's tolerations, plus the GPU toleration for GPU jobs unless one of them already covers it
-    (one for another key, or for the GPU key with another effect or only one value, does not)."""
+def _tolerations(spec: GpuJobSpec, defaults: PodDefaults) -> list[dict[str, Any]]:
+    """The user's tolerations and the operator's default ones, plus the GPU toleration for GPU jobs unless one of
+    them already covers it (one for another key, or for the GPU key with another effect or only one value, does
+    not)."""
     tolerations = [t.wire() for t in spec.tolerations]
+    tolerations += [dict(t) for t in defaults.tolerations if t not in tolerations]
     if spec.gpus > 0 and not any(_covers_gpu_taint(t) for t in tolerations):
         # The device plugin does not add it, and many clusters taint their GPU nodes.
         tolerations.append(dict(GPU_TOLERATION))
@@ -123,7 +130,7 @@ def _tolerations(spec: GpuJobSpec) -> list[dict[str, Any]]:
 
 def build_pod(ref: JobRef, spec: GpuJobSpec, attempt: int, defaults: PodDefaults) -> dict[str, Any]:
     """The Pod of `attempt` (1-based): deterministic name, owned by the GpuJob, restricted security context."""
-    node_selector = dict(spec.node_selector)
+    node_selector = defaults.node_selector | spec.node_selector
     if spec.gpu_product:
         node_selector[GPU_PRODUCT_LABEL] = spec.gpu_product
     mount: dict[str, Any] = {
@@ -179,12 +186,15 @@ def build_pod(ref: JobRef, spec: GpuJobSpec, attempt: int, defaults: PodDefaults
     }
     if node_selector:
         pod_spec["nodeSelector"] = node_selector
-    if tolerations := _tolerations(spec):
+    if tolerations := _tolerations(spec, defaults):
         pod_spec["tolerations"] = tolerations
     if defaults.service_account:
         pod_spec["serviceAccountName"] = defaults.service_account
-    if spec.priority_class_name:
-        pod_spec["priorityClassName"] = spec.priority_class_name
+    if priority_class := spec.priority_class_name or defaults.priority_class_name:
+        pod_spec["priorityClassName"] = priority_class
+    pull_secrets = list(dict.fromkeys([*defaults.image_pull_secrets, *(s.name for s in spec.image_pull_secrets)]))
+    if pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": name} for name in pull_secrets]
     if spec.timeout_seconds:
         pod_spec["activeDeadlineSeconds"] = spec.timeout_seconds
     return {

@@ -55,6 +55,10 @@ def pod_defaults(settings: Settings, environ: dict[str, str]) -> PodDefaults:
         run_as_user=settings.pod_run_as_user,
         service_account=settings.worker_service_account,
         passthrough_env=passthrough,
+        image_pull_secrets=tuple(settings.image_pull_secrets),
+        node_selector=dict(settings.job_node_selector),
+        tolerations=tuple(t.wire() for t in settings.job_tolerations),
+        priority_class_name=settings.job_priority_class_name or None,
     )
 
 
