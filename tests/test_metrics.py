@@ -203,7 +203,9 @@ async def test_failed_and_cancelled_jobs(endpoint: Endpoint) -> None:
     s = await ep.scrape()
     assert s.value("gpu_worker_jobs_total", type=voice, status="failed") == 4
     assert s.value("gpu_worker_jobs_total", type=voice, status="cancelled") == 1
-    errors = {labels["reason"]: v for labels, v in s.named("gpu_worker_job_errors_total") if labels["type"] == voice}
+    errors = {  # (user-error reasons are exported at 0 from the start: USER_ERROR_REASONS)
+        labels["reason"]: v for labels, v in s.named("gpu_worker_job_errors_total") if labels["type"] == voice and v
+    }
     assert errors == {"BackoffLimitExceeded": 1, "InvalidSpec": 1, "Other": 1, "Unknown": 1}
     assert s.value("gpu_worker_job_duration_seconds_count", type=voice) == 5
     assert s.value("gpu_worker_job_duration_seconds_sum", type=voice) == 5 * 60 + 60 + 60 + 60 + 3 * 60
@@ -438,7 +440,11 @@ def exercised_metrics() -> Metrics:
     m.handler_error("create")
     m.register_stream_stats(
         lambda: StreamStatsSnapshot(
-            lag=1, pending=1, dead_lettered_total={"invalid": 1}, requests_total={"created": 1, "dead_lettered": 1}
+            lag=1,
+            pending=1,
+            dead_lettered_total={"invalid": 1},
+            requests_total={"created": 1, "dead_lettered": 1},
+            redis_up=True,
         )
     )
     return m

@@ -29,16 +29,19 @@ DCGM_METRICS = {"DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_POWE
 KSM_METRICS = {"kube_pod_labels"}
 PROMETHEUS_METRICS = {"up", "ALERTS", "ALERTS_FOR_STATE"}
 
+RUNBOOKS = ROOT / "docs" / "runbooks"
+RUNBOOK_BASE = "https://github.com/gpujob-dev/gpujob-operator/blob/main/docs/runbooks/"
 REQUIRED_PANELS = {
-    "Job throughput",
-    "Success / failure by type",
-    "Failures by reason",
+    "Job throughput (jobs per hour)",
+    "Success / failure by type (jobs in time range)",
+    "Failures by reason (per hour)",
     "Job duration percentiles",
     "Queue wait percentiles",
     "Live progress",
     "Jobs by phase",
-    "Stream backlog",
-    "Dead-lettered requests",
+    "Stream backlog (entries)",
+    "Dead-lettered requests (per minute)",
+    "Bridge reaches Redis (1 = yes, per replica)",
     "GPU utilisation per job",
     "GPU memory per job",
     "GPU power per job",
@@ -47,8 +50,11 @@ REQUIRED_ALERTS = {
     "GpuJobFailureRatioHigh",
     "GpuJobsStuckPending",
     "GpuJobRequestStreamBacklog",
+    "GpuJobRequestsUnacknowledged",
     "GpuJobGpuIdle",
     "GpuJobRequestsDeadLettered",
+    "GpuJobBridgeRedisDown",
+    "GpuJobHandlerErrors",
     "GpuJobOperatorDown",
 }
 # Grafana's variables, as a dashboard would expand them against a 1 s scrape interval.
@@ -156,7 +162,8 @@ def test_promtool_rule_unit_tests() -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     tested = set(re.findall(r"alertname:\s*(\w+)", PROMTOOL_TESTS.read_text()))
-    assert {"GpuJobFailureRatioHigh", "GpuJobsStuckPending", "GpuJobGpuIdle"} <= tested
+    alerts = {rule["alert"] for rule in load_rules() if "alert" in rule}
+    assert alerts <= tested, f"alerts without a promtool unit test: {sorted(alerts - tested)}"
 
 
 def test_rules_have_the_required_alerts_with_severity_and_text() -> None:
@@ -272,3 +279,123 @@ def test_every_dashboard_query_runs_and_returns_data(fed_prometheus: PrometheusS
     for query in variable_queries():
         answer = fed_prometheus.query(expand(query))
         assert answer["status"] == "success" and answer["data"]["result"], (query, answer)
+
+
+# --- alerts an SRE can act on (issue 13 item 10)
+
+
+def test_every_alert_links_a_runbook_in_the_repository() -> None:
+    alerts = [rule for rule in load_rules() if "alert" in rule]
+    index = (RUNBOOKS / "README.md").read_text()
+    for rule in alerts:
+        name = rule["alert"]
+        url = rule["annotations"].get("runbook_url", "")
+        assert url == f"{RUNBOOK_BASE}{name}.md", (name, url)
+        page = RUNBOOKS / f"{name}.md"
+        assert page.is_file(), f"{name}: no runbook at {page.relative_to(ROOT)}"
+        text = page.read_text()
+        assert text.startswith(f"# {name}\n"), name
+        for section in ("## Meaning", "## Check", "## Fix"):
+            assert section in text, f"{name}: runbook without {section!r}"
+        assert f"({name}.md)" in index, f"{name}: not listed in docs/runbooks/README.md"
+    pages = {p.stem for p in RUNBOOKS.glob("*.md")} - {"README"}
+    assert pages == {rule["alert"] for rule in alerts}, "a runbook for an alert that no longer exists"
+
+
+def _alert(name: str) -> dict[str, Any]:
+    (rule,) = [rule for rule in load_rules() if rule.get("alert") == name]
+    return rule
+
+
+def test_operator_down_is_scoped_to_operators_that_were_scraped() -> None:
+    """A bare absent(gpujob_operator_info) fires forever wherever the ServiceMonitor is off."""
+    expr = _alert("GpuJobOperatorDown")["expr"]
+    assert "absent(" not in expr.replace(" ", "")
+    assert "max_over_time(gpujob_operator_info[" in expr and "unless" in expr
+
+
+def test_stream_alerts_aggregate_across_replicas() -> None:
+    for name, metric in {
+        "GpuJobRequestStreamBacklog": "gpujob_stream_lag",
+        "GpuJobRequestsUnacknowledged": "gpujob_stream_pending",
+    }.items():
+        expr = " ".join(_alert(name)["expr"].split())
+        assert re.search(rf"max by \([^)]*\) \({metric}\)", expr), (name, expr)
+        assert "pod" not in expr and "instance" not in expr
+
+
+def test_dead_letters_alert_on_a_rate_by_reason() -> None:
+    expr = " ".join(_alert("GpuJobRequestsDeadLettered")["expr"].split())
+    assert "rate(gpujob_requests_dead_lettered_total[" in expr
+    assert re.search(r"sum by \([^)]*\breason\b[^)]*\)", expr), expr
+
+
+def test_failure_ratio_leaves_out_every_user_error_reason() -> None:
+    from gpujob.metrics import USER_ERROR_REASONS
+
+    (record,) = [r for r in load_rules() if r.get("record") == "type:gpu_worker_jobs_user_errors:increase30m"]
+    match = re.search(r'reason=~"([^"]+)"', record["expr"])
+    assert match, record["expr"]
+    in_rule = set(match.group(1).split("|"))
+    assert {"NonRetryableExitCode", "InvalidSpec", "InvalidParams"} <= in_rule
+    assert {r.value for r in USER_ERROR_REASONS} <= in_rule
+    # Their series exist from the start (at 0), so the first user error is subtracted too.
+    exposition = generate_latest(exercised_metrics().registry).decode()
+    for reason in USER_ERROR_REASONS:
+        assert f'gpu_worker_job_errors_total{{reason="{reason.value}",type="train_lora"}}' in exposition
+
+
+def test_no_created_series_are_exported() -> None:
+    exposition = generate_latest(exercised_metrics().registry).decode()
+    assert "_created" not in exposition
+    assert not [n for n in exported_sample_names(exercised_metrics().registry) if n.endswith("_created")]
+
+
+def test_dashboard_rate_panels_say_their_unit() -> None:
+    """A rate scaled to per hour or per minute says so in its title and its unit; a count over the dashboard's
+    time range says that."""
+    for panel in dashboard_panels():
+        exprs = [" ".join(t["expr"].split()) for t in panel["targets"]]
+        unit = panel.get("fieldConfig", {}).get("defaults", {}).get("unit", "")
+        title = panel["title"]
+        if any(re.search(r"\)\s*\*\s*3600\b", e) for e in exprs):
+            assert "per hour" in title and unit.endswith("/h"), (title, unit)
+        elif any(re.search(r"\)\s*\*\s*60\b", e) for e in exprs):
+            assert "per minute" in title and unit.endswith("/min"), (title, unit)
+        elif any(re.fullmatch(r"sum(\s*by \([^)]*\))?\s*\(increase\([^/]*\[\$__range\]\)\)", e) for e in exprs):
+            assert "in time range" in title, title
+    for title in ("Stream backlog (entries)",):
+        (panel,) = [p for p in dashboard_panels() if p["title"] == title]
+        assert all(t["expr"].startswith("max(") for t in panel["targets"]), "replicas report the same lag: max"
+
+
+async def test_the_bridge_reports_whether_it_reaches_redis(redis_url: str) -> None:
+    """gpujob_bridge_redis_up, read by GpuJobBridgeRedisDown: 0 while Redis cannot be reached, 1 once it can."""
+    import asyncio
+    import socket
+
+    from gpujob.bridge.intake import Bridge, intake_client
+    from gpujob.metrics import Metrics
+    from tests.support.bridge import bridge_settings, eventually
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        dead_port = sock.getsockname()[1]
+    for url, expected in ((f"redis://127.0.0.1:{dead_port}/0", 0.0), (redis_url, 1.0)):
+        settings = bridge_settings(url)
+        client = intake_client(settings)
+        bridge = Bridge(settings, client)
+        metrics = Metrics()
+        metrics.register_stream_stats(lambda b=bridge: b.stats)  # type: ignore[misc]
+        stop = asyncio.Event()
+        task = asyncio.create_task(bridge.run(stop))
+        try:
+
+            def value(m: Metrics = metrics) -> float | None:
+                return m.registry.get_sample_value("gpujob_bridge_redis_up")
+
+            await eventually(lambda e=expected: value() == e, what=f"gpujob_bridge_redis_up == {expected}")  # type: ignore[misc]
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
+            await client.aclose()

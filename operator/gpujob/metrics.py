@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
@@ -29,6 +29,10 @@ from gpujob.api.request import RequestOutcome
 from gpujob.logging import get_logger
 
 log = get_logger(__name__)
+
+# No `*_created` series beside each counter and histogram: one more series per label set that no rule or
+# dashboard reads (process-wide, as PROMETHEUS_DISABLE_CREATED_SERIES=true would do).
+disable_created_metrics()  # type: ignore[no-untyped-call]  # (prometheus_client leaves it untyped)
 
 # Jobs run for minutes to hours; the top bucket is a day (the longest deadline we expect).
 DURATION_BUCKETS: Final = (
@@ -49,6 +53,13 @@ _ENDED: Final = "ended"
 _DELETED: Final = "deleted"
 # Outcomes of a stream request (the bridge's vocabulary); exported at 0 before the first of each.
 REQUEST_OUTCOMES: Final = tuple(RequestOutcome)  # each always exported, 0 until it happens
+# Reasons of a job that failed through its own input, not the platform: a non-retryable exit code (the job's own
+# declaration that retrying cannot help; default [64], the worker's bad-input code) and a spec or params refused
+# before any Pod. The failure-ratio alert leaves them out; their error series exist from the start (at 0), so
+# increase() sees the first one.
+USER_ERROR_REASONS: Final = frozenset(
+    r for r in Reason if r.value in {"NonRetryableExitCode", "InvalidSpec", "InvalidParams"}
+)
 
 
 def _utcnow() -> datetime:
@@ -86,6 +97,10 @@ class StreamStats(Protocol):
     def requests_total(self) -> Mapping[str, int]:
         """Requests handled since start, by outcome: created, duplicate, dead_lettered, cancelled."""
 
+    @property
+    def redis_up(self) -> bool | None:
+        """Whether the bridge's last Redis call succeeded (None before its first)."""
+
 
 @dataclass(frozen=True)
 class StreamStatsSnapshot:
@@ -93,6 +108,7 @@ class StreamStatsSnapshot:
     pending: int = 0
     dead_lettered_total: Mapping[str, int] = field(default_factory=dict)
     requests_total: Mapping[str, int] = field(default_factory=dict)
+    redis_up: bool | None = None
 
 
 @dataclass
@@ -165,6 +181,12 @@ class _StreamCollector(Collector):
             return
         if stats is None:  # bridge not running: export nothing rather than misleading zeros
             return
+        if stats.redis_up is not None:
+            yield GaugeMetricFamily(
+                "gpujob_bridge_redis_up",
+                "1 while the stream bridge reaches Redis, 0 while its Redis calls fail (it retries).",
+                value=1 if stats.redis_up else 0,
+            )
         if stats.lag is not None:
             yield GaugeMetricFamily(
                 "gpujob_stream_lag", "Request-stream entries not yet delivered to the consumer group.", value=stats.lag
@@ -242,6 +264,8 @@ class Metrics:
                 self.jobs_total.labels(job_type.value, phase.event_status)
             self.job_duration.labels(job_type.value)
             self.queue_wait.labels(job_type.value)
+            for reason in USER_ERROR_REASONS:
+                self.job_errors.labels(job_type.value, reason.value)
 
     # --- job lifecycle
 

@@ -142,6 +142,7 @@ class BridgeStats:
     dead_lettered_total: Counter[str] = field(default_factory=Counter)  # by _reason_kind
     requests_total: Counter[str] = field(default_factory=Counter)  # by RequestOutcome
     transient_errors_total: int = 0  # API calls that failed transiently (each retry counts)
+    redis_up: bool | None = None  # the last Redis call worked (gpujob_bridge_redis_up); None before the first
 
 
 class Transient(Exception):
@@ -211,6 +212,7 @@ class Bridge:
                 await self._serve(stop)
                 return
             except (RedisError, OSError) as exc:
+                self.stats.redis_up = False
                 log.warning("bridge lost Redis (%s); reconnecting in %.1fs", exc, delay)
             except Transient as exc:
                 log.warning("bridge paused: %s", exc)
@@ -255,6 +257,7 @@ class Bridge:
 
     async def _read(self, mode: str, start: str, min_idle_ms: int = 0) -> list[Read]:
         rows = await self._script(keys=[self.stream], args=self._script_args(mode, start, min_idle_ms))
+        self.stats.redis_up = True
         return _reads(rows)
 
     def _script_args(self, mode: str, start: str, min_idle_ms: int) -> list[Any]:
