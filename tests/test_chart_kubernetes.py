@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from gpujob.sandbox.realcluster import run_kubectl
-from tests.support.chart import CHART, binary, run
+from tests.support.chart import CHART, REQUIRED_VALUES, binary, run
 from tests.support.kubernetes import KubeSession
 
 # The operator Pod must not run in this test (its image is never pulled; the sandbox's node agents would run its
 # command as a local process): a nodeSelector no Node has keeps it Pending, which is all `helm install` needs.
-PARKED = ["--set", "nodeSelector.gpujob\\.dev/test-pen=no-node-has-this"]
+PARKED = ["--set", "nodeSelector.gpujob\\.dev/test-pen=no-node-has-this", *REQUIRED_VALUES]
 
 
 def helm(session: KubeSession, *args: str, check: bool = True) -> str:
