@@ -225,7 +225,9 @@ def test_discovery_and_lists(http: Http) -> None:
         "rbac.authorization.k8s.io",
     } <= groups
     ours = http("GET", f"/apis/{GROUP}/{VERSION}").json()["resources"]
-    assert {r["name"] for r in ours} == {PLURAL, f"{PLURAL}/status"} and ours[0]["shortNames"] == ["gj"]
+    by_name = {r["name"]: r for r in ours}
+    assert set(by_name) == {PLURAL, f"{PLURAL}/status", "gpuqueues", "gpuqueues/status"}
+    assert by_name[PLURAL]["shortNames"] == ["gj"] and by_name["gpuqueues"]["namespaced"] is False
     http("POST", GJ, gpujob("l"))
     listed = http("GET", GJ).json()
     assert listed["kind"] == "GpuJobList" and listed["apiVersion"] == f"{GROUP}/{VERSION}"
