@@ -127,14 +127,17 @@ def test_late_subscriber_catches_up_with_gpujob_watch(operator_factory: Any, clu
     assert rest[-1]["status"] == "succeeded" and all(e["seq"] > first["seq"] for e in rest)
 
 
-def test_node_backend_submits_and_receives_running_and_succeeded(
-    operator_factory: Any, cluster: Cluster, redis_url: str
+def test_node_backend_submits_and_receives_running_and_succeeded_or_rejected(
+    operator_factory: Any, cluster: Cluster, redis_url: str, redis_client: redis.Redis
 ) -> None:
+    """The README's Node client (tests/node/client.mjs) against the real operator and bridge: a valid request is
+    followed to `succeeded`; an invalid one ends with one `rejected` event carrying the dead letter's reason
+    (issue 13 item 4: before, a backend that subscribed waited for ever)."""
     node = shutil.which("node")
     assert node, "node is required for the backend contract test"
     assert (NODE_DIR / "node_modules" / "redis").is_dir(), "run `make setup` (npm install in tests/node)"
     operator_factory({"GPUJOB_REDIS_URL": redis_url})
-    env = {**os.environ, "REDIS_URL": redis_url, "JOB_ID": "node-42", "TIMEOUT_MS": "60000"}
+    env = {**os.environ, "REDIS_URL": redis_url, "JOB_ID": "node-42", "BAD_JOB_ID": "node-bad", "TIMEOUT_MS": "60000"}
     backend = subprocess.Popen([node, "backend.test.mjs"], cwd=NODE_DIR, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
@@ -148,6 +151,9 @@ def test_node_backend_submits_and_receives_running_and_succeeded(
         backend.kill()
     assert backend.returncode == 0, output
     assert "OK queued,scheduled,running,succeeded" in output
+    [dead] = [fields for _, fields in redis_client.xrange("gpujobs:requests:dead")]
+    assert json.loads(dead["job"])["jobId"] == "node-bad"
+    assert f"REJECTED {dead['reason']}" in output and "gpus" in dead["reason"]
 
 
 def test_no_secret_ever_reaches_the_operator_log(operator_factory: Any, cluster: Cluster, tmp_path: Path) -> None:

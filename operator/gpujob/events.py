@@ -29,6 +29,18 @@ redis.call('SET', KEYS[2], out, 'EX', ARGV[3])
 return out
 """
 
+# The same, published only while the job is unheard of: neither its state key (KEYS[2]) nor any key after KEYS[3]
+# exists. For a request rejected by the intake: a bad resend of a jobId that has events (a running or finished
+# job) must not tell its subscribers that the job ended.
+_PUBLISH_IF_UNHEARD_SCRIPT = (
+    """
+for i = 2, #KEYS do
+  if i ~= 3 and redis.call('EXISTS', KEYS[i]) == 1 then return false end
+end
+"""
+    + _PUBLISH_SCRIPT
+)
+
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -79,12 +91,20 @@ class EventPublisher(_Keys):
     def __init__(self, client: redis.asyncio.Redis, settings: Settings) -> None:
         super().__init__(settings)
         self._script = client.register_script(_PUBLISH_SCRIPT)
+        self._if_unheard = client.register_script(_PUBLISH_IF_UNHEARD_SCRIPT)
         self.client = client
 
     async def publish(self, event: ProgressEvent) -> ProgressEvent:
         keys, args = self.script_args(event)
         raw = await self._script(keys=keys, args=args)
         return ProgressEvent.model_validate_json(raw)
+
+    async def publish_if_unheard(self, event: ProgressEvent, *guards: str) -> ProgressEvent | None:
+        """Publish as `publish` does, unless the job already has a state or any of `guards` exists (one atomic
+        script); returns None when nothing was published."""
+        keys, args = self.script_args(event)
+        raw = await self._if_unheard(keys=[*keys, *guards], args=args)
+        return None if raw is None else ProgressEvent.model_validate_json(raw)
 
     async def latest(self, job_id: str) -> ProgressEvent | None:
         raw = await self.client.get(self.state(job_id))

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from gpujob.api.constants import TERMINAL_PHASES
+
+# A request that never became a GpuJob (dead-lettered by the intake): the event status is not a phase, since no
+# GpuJob has one. Its `reason` is the dead letter's; final like the terminal phases.
+REJECTED: Final = "rejected"
+# Every event status after which nothing more comes for the job (what `gpujob watch` and a backend stop on).
+FINAL_STATUSES: Final = frozenset({*(p.event_status for p in TERMINAL_PHASES), REJECTED})
 
 
 class ProgressEvent(BaseModel):

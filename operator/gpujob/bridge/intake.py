@@ -29,7 +29,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,9 +40,20 @@ from redis.exceptions import RedisError, ResponseError
 
 from gpujob import kube
 from gpujob.api.constants import API_VERSION, KIND, Annotation, Label
+from gpujob.api.events import REJECTED
+from gpujob.api.models import DNS_LABEL_PATTERN, JOB_ID_PATTERN
 from gpujob.api.naming import job_name, label_value
-from gpujob.api.request import MAX_ENTRY_BYTES, Action, Entry, InvalidEntry, JobRequest, RequestOutcome, parse_entry
-from gpujob.events import async_client
+from gpujob.api.request import (
+    ENTRY_JOB,
+    MAX_ENTRY_BYTES,
+    Action,
+    Entry,
+    InvalidEntry,
+    JobRequest,
+    RequestOutcome,
+    parse_entry,
+)
+from gpujob.events import EventPublisher, async_client, make_event
 from gpujob.kube import ApiException
 from gpujob.settings import Settings
 
@@ -176,12 +189,14 @@ class Bridge:
     _stop: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     _tails: dict[str, asyncio.Task[None]] = field(init=False, default_factory=dict)  # jobId -> its latest work
     _script: Any = field(init=False)
+    _events: EventPublisher = field(init=False)
 
     def __post_init__(self) -> None:
         if self.client.get_connection_kwargs().get("decode_responses"):
             raise ValueError("the intake reads bytes: give it intake_client(settings), not a decoding client")
         self._sem = asyncio.Semaphore(self.settings.concurrency)
         self._script = self.client.register_script(READ_SCRIPT)
+        self._events = EventPublisher(self.client, self.settings)
 
     @property
     def stream(self) -> str:
@@ -472,7 +487,9 @@ class Bridge:
         return RequestOutcome.CANCEL_REMEMBERED
 
     async def dead_letter(self, read: Read, reason: str) -> RequestOutcome:
-        """The entry's fields as read (bytes, cut when it was too large) and why, to the dead-letter stream."""
+        """The entry's fields as read (bytes, cut when it was too large) and why, to the dead-letter stream; first
+        a `rejected` event for its jobId when one can be read (the backend hears about every request)."""
+        await self._publish_rejected(read, reason)
         extra = {"reason": reason, "sourceId": read.entry_id, "consumer": self.consumer}
         if read.cut:
             extra["size"] = str(read.size)
@@ -487,6 +504,27 @@ class Bridge:
         self.stats.requests_total[RequestOutcome.DEAD_LETTERED] += 1
         return RequestOutcome.DEAD_LETTERED
 
+    async def _publish_rejected(self, read: Read, reason: str) -> None:
+        """A `rejected` event on the jobId's channel, state and the events stream, published before the dead letter
+        is written (a crash in between repeats the dead letter, and the event is not published twice: see below).
+        Nothing when no valid jobId can be read (also from an entry cut for its size), and nothing when the jobId
+        already has events or a GpuJob made from the stream (a bad resend of a live or finished job must not end it
+        for its subscribers). Redis errors go up (the entry stays pending); anything else is logged and the dead
+        letter is written regardless."""
+        found = None if read.cut else readable_job_id(read.fields)  # a cut `job` is not the request sent
+        if found is None:
+            return
+        job_id, namespace = found
+        event = make_event(job_id, REJECTED, 0.0, f"request rejected: {reason}", reason=reason,
+                           source="operator", sourceId=read.entry_id)  # fmt: skip
+        try:
+            seen = self._memo("seen", namespace or self.settings.namespace, job_id)
+            await self._events.publish_if_unheard(event, seen)
+        except (RedisError, OSError):
+            raise
+        except Exception:  # a bug here must not keep the entry from its dead letter (the intake stays total)
+            log.exception("rejected event for %r not published", job_id)
+
 
 class Forbidden(Exception):
     """A 403 on the request's GpuJob: retried in place a few times, then the request is rejected."""
@@ -494,6 +532,26 @@ class Forbidden(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+def readable_job_id(fields: Fields) -> tuple[str, str | None] | None:
+    """The jobId (and namespace, when valid) of an entry's `job` field, or None; total: never raises, whatever the
+    bytes. The field is decoded leniently (a bad byte elsewhere in it does not hide the jobId); only a string
+    matching JOB_ID_PATTERN counts. An entry cut for its size has no readable jobId (its JSON is cut)."""
+    try:
+        raw = fields.get(ENTRY_JOB.encode())
+        if not isinstance(raw, bytes) or len(raw) > MAX_ENTRY_BYTES:
+            return None
+        data = json.loads(raw.decode("utf-8", errors="replace"))
+        if not isinstance(data, dict):
+            return None
+        job_id, namespace = data.get("jobId"), data.get("namespace")
+        if not isinstance(job_id, str) or len(job_id) > 128 or not re.fullmatch(JOB_ID_PATTERN, job_id):
+            return None
+        valid_namespace = isinstance(namespace, str) and re.fullmatch(DNS_LABEL_PATTERN, namespace) is not None
+        return job_id, namespace if valid_namespace else None
+    except Exception:  # RecursionError (nested too deep), anything else: no readable jobId
+        return None
 
 
 def _api_failure(exc: Exception, job_id: str) -> Exception:
