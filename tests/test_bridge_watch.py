@@ -4,12 +4,17 @@ the worker publish them (SyncEventPublisher); the end-to-end version with the op
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pty
+import re
 import select
+import socket
+import struct
 import subprocess
 import sys
+import termios
 import time
 
 import pytest
@@ -19,13 +24,16 @@ from gpujob.events import SyncEventPublisher, make_event
 from gpujob.settings import Settings
 
 
-def watch(redis_url: str, *args: str, tty: bool = False) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUJOB_")}
+def watch(redis_url: str, *args: str, tty: bool = False, columns: int = 0) -> subprocess.Popen[str]:
+    """`gpujob watch` as a subprocess; with `tty`, on a pseudo-terminal `columns` wide (0: the pty's default)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUJOB_") and k not in {"COLUMNS", "LINES"}}
     env["GPUJOB_REDIS_URL"] = redis_url
     argv = [sys.executable, "-m", "gpujob.cli", "watch", *args]
     if not tty:
         return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
     primary, secondary = pty.openpty()
+    if columns:
+        fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
     proc = subprocess.Popen(argv, env=env, stdout=secondary, text=True)
     os.close(secondary)
     proc.pty = primary  # type: ignore[attr-defined]
@@ -110,3 +118,109 @@ def test_progress_bar_on_a_terminal(redis_url: str, redis_client: redis.Redis) -
     text = screen.decode()
     assert "\rtty-1 [#####..............." in text and "25.0%" in text and "Epoch 1/4" in text
     assert "\rtty-1 [####################] 100.0% succeeded" in text
+
+
+# --- issue 13 item 8: the CLI fails like a tool; issue 13 item 4: `rejected` ends a watch
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then closed: connections are refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def gpujob(*args: str, redis_url: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUJOB_")}
+    if redis_url:
+        env["GPUJOB_REDIS_URL"] = redis_url
+    argv = [sys.executable, "-m", "gpujob.cli", *args]
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("args", [("submit", "--cancel", "j1"), ("watch", "j1"), ("watch", "j1", "--json")])
+def test_unreachable_redis_is_one_error_line_and_exit_69(args: tuple[str, ...]) -> None:
+    url = f"redis://backend:s3cret-Passw0rd@127.0.0.1:{closed_port()}/0"
+    done = gpujob(*args, redis_url=url)
+    assert done.returncode == 69, done.stderr
+    assert done.stdout == ""
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"gpujob {args[0]}: cannot reach Redis at 127.0.0.1:") and "refused" in line, line
+    assert "s3cret" not in done.stderr
+
+
+def test_watch_exits_4_on_a_rejected_request_live_or_caught_up(redis_url: str, redis_client: redis.Redis) -> None:
+    pub = publisher(redis_url, redis_client)
+    proc = watch(redis_url, "rej-1", "--timeout", "30")
+    subscribed(redis_client, "rej-1")
+    reason = "invalid request: gpus: Input should be greater than or equal to 0"
+    pub.publish(make_event("rej-1", "rejected", 0.0, f"request rejected: {reason}", reason=reason))
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 4
+    assert out.rstrip().endswith(f"rej-1 rejected 0.0% request rejected: {reason}")
+    again = watch(redis_url, "rej-1", "--json")  # late: the state is final already
+    out, _ = again.communicate(timeout=30)
+    assert again.returncode == 4 and json.loads(out)["reason"] == reason
+
+
+def test_watch_skips_what_is_not_an_event(redis_url: str, redis_client: redis.Redis) -> None:
+    proc = watch(redis_url, "junk-1", "--json", "--timeout", "30")
+    subscribed(redis_client, "junk-1")
+    for junk in ("{", "[]", json.dumps({"jobId": "junk-1"}), "\xff"):
+        redis_client.publish("gpujobs:progress:junk-1", junk)
+    publisher(redis_url, redis_client).publish(make_event("junk-1", "succeeded", 100.0))
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and [json.loads(line)["status"] for line in out.splitlines()] == ["succeeded"]
+
+
+def read_screen(fd: int, until: bytes, timeout: float = 30) -> bytes:
+    screen = b""
+    deadline = time.monotonic() + timeout
+    while until not in screen:
+        assert time.monotonic() < deadline, f"not on screen: {until!r} in {screen!r}"
+        if select.select([fd], [], [], 0.1)[0]:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # EIO: the watcher closed its end
+                break
+            screen += chunk
+    return screen
+
+
+def visible_lines(screen: str) -> list[str]:
+    """What a terminal shows of each line: the text after the last carriage return, escapes removed."""
+    return [re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", line.rsplit("\r", 1)[-1]) for line in screen.split("\n")]
+
+
+@pytest.mark.parametrize("columns", [80, 40])
+def test_the_progress_bar_fits_the_terminal_and_the_final_message_is_whole(
+    redis_url: str, redis_client: redis.Redis, columns: int
+) -> None:
+    job_id = "order-2026-11-22-customer-7781-lora"
+    pub = publisher(redis_url, redis_client)
+    pub.publish(make_event(job_id, "running", 40.0, "Epoch 2/5 — loss=0.34, " + "lr=2e-4 " * 20))
+    proc = watch(redis_url, job_id, "--timeout", "30", tty=True, columns=columns)
+    fd: int = proc.pty  # type: ignore[attr-defined]
+    subscribed(redis_client, job_id)
+    screen = read_screen(fd, b"40.0%")
+    cause = ("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.15 GiB total capacity; 77.80 GiB already "
+             "allocated); micro-batch 1 still does not fit: lower maxSeqLen or use a larger GPU")  # fmt: skip
+    pub.publish(make_event(job_id, "failed", 40.0, cause, reason="OutOfMemory"))
+    assert proc.wait(30) == 1
+    while select.select([fd], [], [], 0.5)[0]:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(fd)
+    text = screen.decode().replace("\r\n", "\n")  # the pty's line discipline turns \n into \r\n
+    bars = [segment for segment in re.split(r"[\r\n]", text) if "%" in segment]
+    assert len(bars) == 2, text
+    for bar in bars:
+        shown = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", bar)
+        assert len(shown) < columns, f"{len(shown)} columns: {shown!r}"
+    assert "40.0% running" in bars[0] and "40.0% failed" in bars[1]
+    assert f"failed: {cause} (OutOfMemory)" in visible_lines(text), "the whole final message, on its own"

@@ -24,10 +24,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+EXIT_CODES = """exit codes (details: gpujob <command> --help, and the README):
+  every command: 2 bad arguments or a missing setting
+  submit:        0 in the stream; 69 Redis unreachable
+  watch:         0 succeeded; 1 failed or cancelled; 3 --timeout; 4 rejected (dead-lettered); 69 Redis
+                 unreachable or lost; 130 Ctrl-C
+  worker:        the job's: 0 ok, 64 bad input, 69 GPUs unusable, 70 the task raised, 71 out of GPU memory,
+                 75 transient (S3), 143 interrupted
+  operator, bridge, sandbox, kubelet: 0 when stopped (SIGTERM, SIGINT); 1 (a traceback) when they cannot start
+  schema:        0
+  gpujob:        2 unknown command, or none"""
+
+
 def _usage() -> str:
     lines = ["usage: gpujob <command> [options]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
-    return "\n".join(lines)
+    return "\n".join([*lines, "", EXIT_CODES])
 
 
 def main(argv: list[str] | None = None) -> int:
