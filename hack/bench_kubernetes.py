@@ -68,7 +68,12 @@ class Cluster:
                 "metadata": {"name": name},
                 # No Node runs them: they stay Pending on purpose, so the pending timeout (600 s by default) must
                 # not fire during a long run (it did: 25,000 writes in a "resync" were retries of timed-out jobs).
-                "spec": {"type": "train_lora", "gpus": 1, "params": {"epochs": 1}, "pendingTimeoutSeconds": 86400},
+                "spec": {
+                    "type": "train_lora",
+                    "gpus": 1,
+                    "params": {"baseModel": "tiny-llama", "dataset": {"text": ["x"]}, "epochs": 1},
+                    "pendingTimeoutSeconds": 86400,
+                },
             }
             path = f"/apis/gpujob.dev/v1alpha1/namespaces/{GJ_NS}/gpujobs"
         else:

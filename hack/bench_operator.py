@@ -141,7 +141,11 @@ class Bench:
             "apiVersion": "gpujob.dev/v1alpha1",
             "kind": "GpuJob",
             "metadata": {"name": name},
-            "spec": {"type": "train_lora", "gpus": 1, "params": {"epochs": 1}},
+            "spec": {
+                "type": "train_lora",
+                "gpus": 1,
+                "params": {"baseModel": "tiny-llama", "dataset": {"text": ["x"]}, "epochs": 1},
+            },
         }
         async with self.session.post(f"{self.base}{GJ_PATH}", json=body) as resp:
             if resp.status != 201:

@@ -44,7 +44,7 @@ async def test_valid_request_becomes_a_gpujob_then_is_acked(
         job = await eventually(lambda: cluster.job(job_name("Order:42_lora")), what="the GpuJob")
         await eventually(lambda: pending(redis_client) == 0, what="the ack")
     assert job["spec"]["jobId"] == "Order:42_lora" and job["spec"]["gpus"] == 2
-    assert job["spec"]["params"] == {"epochs": 3} and job["spec"]["priorityClassName"] == "gpu-high"
+    assert job["spec"]["params"]["epochs"] == 3 and job["spec"]["priorityClassName"] == "gpu-high"
     assert job["metadata"]["labels"][Label.JOB_ID].startswith("Order-42_lora")
     assert job["metadata"]["annotations"][Annotation.REQUEST_ID] == entry_id
     assert bridge.stats.requests_total["created"] == 1
@@ -58,7 +58,7 @@ async def test_duplicate_job_ids_make_one_gpujob(
     async with running_bridge(bridge_settings(redis_url, namespace=api.namespace)) as bridge:
         await eventually(lambda: bridge.stats.requests_total["duplicate"] == 2, what="two duplicates")
     assert [j["metadata"]["name"] for j in jobs(cluster)] == ["dup-1"]
-    assert jobs(cluster)[0]["spec"]["params"] == {"epochs": 1}  # the first request wins
+    assert jobs(cluster)[0]["spec"]["params"]["epochs"] == 1  # the first request wins
     assert pending(redis_client) == 0
 
 

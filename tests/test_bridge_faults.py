@@ -131,7 +131,7 @@ async def test_sigkill_between_create_and_ack_gives_exactly_one_gpujob(
 ) -> None:  # fmt: skip
     """Killed after the create: with the jobId recorded as seen, the redo only acks (one create in all); killed
     before that record too, the redo's create finds the GpuJob (409) and acks (two creates, one GpuJob)."""
-    entry_id = redis_client.xadd(STREAM, request("killed-mid-flight", params={"n": 1}))
+    entry_id = redis_client.xadd(STREAM, request("killed-mid-flight", params={"epochs": 1}))
     proxy = AckSwallowingProxy(redis_server.port, entry_id, lost)
     proc = bridge_process(emulator, proxy.url, "bridge-a", tmp_path / "bridge.log")
     try:
@@ -304,7 +304,8 @@ def cli(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
 async def test_submit_and_cancel_from_the_command_line(
     emulator: Any, redis_url: str, redis_client: redis.Redis, cluster: Cluster
 ) -> None:
-    done = cli(redis_url, "submit", "-t", "train_lora", "--job-id", "cli-1", "-p", "epochs=3", "-p", "name=x",
+    done = cli(redis_url, "submit", "-t", "train_lora", "--job-id", "cli-1", "-p", "epochs=3", "-p", "baseModel=m",
+               "-p", 'dataset={"text": ["x"]}',
                "--gpus", "2", "--priority", "gpu-high")  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "cli-1"
@@ -317,7 +318,10 @@ async def test_submit_and_cancel_from_the_command_line(
     async with running_bridge(bridge_settings(redis_url)):
         job = await eventually(lambda: cluster.job("cli-1"), what="the GpuJob from flags")
         await eventually(lambda: cluster.job(job_name(generated)), what="the GpuJob from the file")
-        assert job["spec"]["params"] == {"epochs": 3, "name": "x"} and job["spec"]["gpus"] == 2
+        assert (
+            job["spec"]["params"] == {"epochs": 3, "baseModel": "m", "dataset": {"text": ["x"]}}
+            and job["spec"]["gpus"] == 2
+        )
         assert job["spec"]["priorityClassName"] == "gpu-high"
         assert job["metadata"]["annotations"][Annotation.REQUEST_ID] == redis_client.xrange(STREAM)[0][0]
         cancelled = cli(redis_url, "submit", "--cancel", "cli-1")

@@ -26,7 +26,7 @@ def test_gpujob_becomes_gpu_pod_with_spec(operator: OperatorProcess, cluster: Cl
     [owner] = pod.metadata.owner_references
     assert owner.kind == "GpuJob" and owner.controller is True and owner.uid == cluster.job("lora")["metadata"]["uid"]
     env = {e.name: e.value for e in c.env}
-    assert json.loads(env["GPUJOB_JOB_PARAMS"]) == {"epochs": 2} and env["GPUJOB_ATTEMPT"] == "1"
+    assert json.loads(env["GPUJOB_JOB_PARAMS"])["epochs"] == 2 and env["GPUJOB_ATTEMPT"] == "1"
     status = cluster.wait_phase("lora", Phase.SCHEDULED)
     assert status["attempts"] == 1 and status["podName"] == pod.metadata.name
 

@@ -78,8 +78,8 @@ def test_a_hostile_termination_message_never_blocks_the_status(operator: Operato
 def test_params_too_large_for_the_env_fail_the_job_before_any_pod(operator: OperatorProcess, cluster: Cluster) -> None:
     """Item 16: GPUJOB_JOB_PARAMS over Linux's per-string limit (128 KiB) and the container cannot start; a
     GpuJob applied with params over MAX_PARAMS_BYTES fails at once with InvalidSpec and never gets a Pod."""
-    cluster.create_job("fat-params", {"type": "train_lora", "params": {"blob": "x" * (MAX_PARAMS_BYTES + 1)}})
-    cluster.create_job("fine-params", {"type": "train_lora", "params": {"blob": "x" * (MAX_PARAMS_BYTES - 100)}})
+    cluster.create_job("fat-params", {"type": "custom", "params": {"blob": "x" * (MAX_PARAMS_BYTES + 1)}})
+    cluster.create_job("fine-params", {"type": "custom", "params": {"blob": "x" * (MAX_PARAMS_BYTES - 100)}})
     cluster.wait_pod("fine-params", 1)
     status = cluster.wait_phase("fat-params", Phase.FAILED)
     assert status["reason"] == Reason.INVALID_SPEC and str(MAX_PARAMS_BYTES) in status["message"]

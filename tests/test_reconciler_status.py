@@ -25,7 +25,7 @@ def _store() -> Store:
         "apiVersion": "gpujob.dev/v1alpha1",
         "kind": "GpuJob",
         "metadata": {"name": "j", "namespace": "default", "uid": "u-1", "resourceVersion": "5", "generation": 1},
-        "spec": {"type": "train_lora"},
+        "spec": {"type": "train_lora", "params": {"baseModel": "m", "dataset": {"text": ["x"]}}},
         "status": {"phase": "Running", "attempts": 1, "podName": "j-1"},
     }
     store.put_job(job_body)

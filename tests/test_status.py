@@ -17,10 +17,13 @@ from gpujob.operator.status import Decision, decide, status_patch
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 
 
+LORA_PARAMS = {"baseModel": "tiny-llama", "dataset": {"text": ["hello"]}}  # valid: the Pod is created
+
+
 def job(spec: dict[str, Any] | None = None, status: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "metadata": {"name": "j", "namespace": "ml", "uid": "u-1", "generation": 1},
-        "spec": {"type": "train_lora", **(spec or {})},
+        "spec": {"type": "train_lora", "params": LORA_PARAMS, **(spec or {})},
         "status": status or {},
     }
 

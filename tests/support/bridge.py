@@ -17,9 +17,22 @@ def bridge_settings(redis_url: str, consumer: str = "bridge-a", **extra: Any) ->
     return Settings(redis_url=redis_url, consumer_name=consumer, read_block_ms=50, claim_idle_ms=300, **extra)
 
 
+# What a train_lora must name (gpujob.api.params.LoraParams): tests about other things fill these in.
+LORA_REQUIRED_PARAMS: dict[str, Any] = {"baseModel": "tiny-llama", "dataset": {"text": ["hello"]}}
+
+
+def with_valid_params(spec: dict[str, Any]) -> dict[str, Any]:
+    """`spec` with the train_lora params it lacks filled in, so the operator and the intake accept it (they
+    refuse a train_lora without baseModel/dataset: InvalidParams); other types unchanged."""
+    params = spec.get("params")
+    if spec.get("type") != "train_lora" or not isinstance(params, dict | None):
+        return spec
+    return {**spec, "params": {**LORA_REQUIRED_PARAMS, **(params or {})}}
+
+
 def request(job_id: str, **spec: Any) -> dict[str, str]:
-    """A stream entry submitting a train_lora job."""
-    return {"job": json.dumps({"jobId": job_id, "type": "train_lora", **spec})}
+    """A stream entry submitting a train_lora job (with valid params unless `params` says otherwise)."""
+    return {"job": json.dumps(with_valid_params({"jobId": job_id, "type": "train_lora", **spec}))}
 
 
 async def eventually(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "") -> Any:

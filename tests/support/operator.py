@@ -24,6 +24,7 @@ from kubernetes import client
 from gpujob.api.constants import GROUP, PLURAL, VERSION, Label, Phase
 from gpujob.api.naming import label_value
 from gpujob.sandbox.procs import free_port, wait_for
+from tests.support.bridge import with_valid_params
 from tests.support.kubernetes import ApiTarget
 
 READY_LINE = "operator started"
@@ -125,6 +126,7 @@ class Cluster:
         self.slowdown = slowdown
 
     def create_job(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        spec = with_valid_params(spec)  # a train_lora's baseModel/dataset, when the test does not care
         if self.pen:
             spec = {**spec, "nodeSelector": {**(spec.get("nodeSelector") or {}), **PEN}}
         body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "GpuJob", "metadata": {"name": name}, "spec": spec}

@@ -121,6 +121,7 @@ class Reason(StrEnum):
     RESUMED = "Resumed"
     CANCELLED = "Cancelled"
     INVALID_SPEC = "InvalidSpec"
+    INVALID_PARAMS = "InvalidParams"  # spec.params do not fit the built-in type's params model (gpujob.api.params)
     NOT_SUSPENDED = "NotSuspended"
     OUT_OF_MEMORY = "OutOfMemory"  # the worker ran out of GPU memory (exit code ExitCode.OUT_OF_MEMORY)
     GPU_UNAVAILABLE = "GpuUnavailable"  # GPUs were requested but CUDA is not usable in the Pod

@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
 
+from gpujob.api.constants import JobType
 from gpujob.api.models import DNS_LABEL_PATTERN, JOB_ID_PATTERN, GpuJobSpec, WireModel
+from gpujob.api.params import PARAMS_MODELS, params_error
 
 ENTRY_JOB = "job"
 ENTRY_ACTION = "action"
@@ -125,9 +127,14 @@ def _parse(fields: Mapping[bytes, bytes] | Mapping[str, str]) -> Entry:
         request = model.model_validate(data)
     except ValidationError as exc:
         raise InvalidEntry(_validation_reason(exc)) from None
-    if isinstance(request, JobRequest) and (why := request.params_error()):
-        raise InvalidEntry(f"invalid request: {why}")  # the operator would fail it too, after a GpuJob was made
+    if isinstance(request, JobRequest) and (why := _params_problem(request)):
+        raise InvalidEntry(f"invalid request: {why}")
     return Entry(action=action, request=request)
+
+
+def _params_problem(request: JobRequest) -> str | None:
+    """Params the operator would fail too (InvalidSpec, InvalidParams), but only after a GpuJob was made."""
+    return request.params_error() or params_error(request.type, request.params)
 
 
 def _text(value: bytes | str, what: str) -> str:
@@ -143,5 +150,26 @@ def _shown(name: bytes | str) -> str:
     return repr(name.decode("utf-8", errors="replace") if isinstance(name, bytes) else name)[:60]
 
 
+def _typed_request(job_type: JobType) -> type[JobRequest]:
+    """JobRequest for one type: `type` fixed, `params` the type's params model (free-form for custom)."""
+    name = "".join(part.title() for part in job_type.value.split("_")) + "Request"
+    fields: dict[str, Any] = {"type": (Literal[job_type], Field(description=f"The job type: {job_type.value}."))}
+    if (model := PARAMS_MODELS.get(job_type)) is not None:
+        required = any(field.is_required() for field in model.model_fields.values())
+        fields["params"] = (model, Field(...) if required else Field(default_factory=dict))
+    typed: type[JobRequest] = create_model(name, __base__=JobRequest, __doc__=JobRequest.__doc__, **fields)
+    return typed
+
+
 def request_schema() -> dict[str, Any]:
-    return JobRequest.model_json_schema(by_alias=True)
+    """The request's JSON Schema: one variant per job type, discriminated by `type`, each with its typed params
+    (the same models the bridge, the operator and the worker check)."""
+    variants = tuple(_typed_request(job_type) for job_type in JobType)
+    union: Any = Annotated[Union[variants], Field(discriminator="type")]  # noqa: UP007 (a runtime tuple)
+    schema: dict[str, Any] = TypeAdapter(union).json_schema(by_alias=True)
+    schema["title"] = "JobRequest"
+    schema["description"] = (
+        "A request on gpujobs:requests (field `job`). One variant per `type`; params of the built-in types are "
+        "typed (unknown fields rejected), `custom` params are free-form."
+    )
+    return schema

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from gpujob.api.constants import ConditionType, Phase, PodPhase, Reason
 from gpujob.api.models import GpuJobSpec, GpuJobStatus, Progress
+from gpujob.api.params import params_error
 from gpujob.operator import policy
 from gpujob.operator.conventions import iso, parse_time, set_condition, truncate
 from gpujob.operator.podview import (
@@ -95,6 +96,10 @@ def _start_attempt(b: _Builder, d: Decision, spec: GpuJobSpec, reason: str, mess
         _ttl(spec, b.status, b.now, d)
         return False
     b.status.attempts += 1
+    if (invalid := params_error(spec.type, spec.params)) is not None:  # a typo never reserves a GPU
+        _finish(b, Phase.FAILED, Reason.INVALID_PARAMS, f"invalid params for {spec.type.value}: {invalid}")
+        _ttl(spec, b.status, b.now, d)
+        return False
     b.status.pod_name = None
     b.status.node_name = None
     b.status.exit_code = None

@@ -17,14 +17,13 @@ import math
 import time
 from array import array
 from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any
 
 import torch
-from pydantic import Field, field_validator, model_validator
 
 from gpujob.api import ARTIFACT_PREFIX, JobType
-from gpujob.api.models import WireModel
+from gpujob.api.params import Dataset, LoraParams
 from gpujob.logging import get_logger
 from gpujob.worker.context import TaskContext
 from gpujob.worker.devices import GIB, Devices, peak_memory_gib
@@ -41,50 +40,6 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 log = get_logger(__name__)
-
-
-class Dataset(WireModel):
-    text: list[str] | None = Field(None, min_length=1, description="Training texts, inline.")
-    s3_key: str | None = Field(None, min_length=1, description='JSON lines {"text": ...} in the bucket.')
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> Dataset:
-        if (self.text is None) == (self.s3_key is None):
-            raise ValueError("give exactly one of dataset.text or dataset.s3Key")
-        return self
-
-
-class LoraParams(WireModel):
-    base_model: str = Field(min_length=1, description="Model directory, relative to the models volume.")
-    dataset: Dataset
-    epochs: int = Field(3, ge=1, le=10_000)
-    rank: int = Field(8, ge=1, le=1024)
-    alpha: int = Field(16, ge=1, le=4096)
-    learning_rate: float = Field(2e-4, gt=0, le=1)
-    max_length: int = Field(256, ge=8, le=32_768)
-    batch_size: int = Field(4, ge=1, le=4096, description="Rows per micro-batch.")
-    gradient_accumulation: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step.")
-    warmup_ratio: float = Field(0.03, ge=0, le=0.5, description="Share of the steps with a linear LR warmup.")
-    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping; 0 = off.")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="auto: bf16 on GPUs that have it, fp16 (with a gradient scaler) on older ones, fp32 on CPU."
-    )
-    gradient_checkpointing: bool = False
-    device_map: Literal["auto", "single"] | None = Field(
-        None, description="Several GPUs: auto spreads the model over all; default: auto only when it does not fit one."
-    )
-    target_modules: list[str] | None = Field(None, description="Default: peft's choice for the architecture.")
-    seed: int = 0
-
-    @field_validator("base_model")
-    @classmethod
-    def _inside_models_dir(cls, value: str) -> str:
-        # Syntax here (a clear message before anything loads); the resolved path is checked again at run time.
-        path = PurePosixPath(value)
-        if path.is_absolute() or ".." in path.parts:
-            raise ValueError("must be a relative path inside the models directory, without '..'")
-        return value
 
 
 def model_fingerprint(path: Path) -> str:
@@ -261,6 +216,8 @@ class LoraTrainer:
         self.rows_per_step = params.batch_size * params.gradient_accumulation
         self.steps_per_epoch = math.ceil(len(self.rows) / self.rows_per_step)
         self.total = self.steps_per_epoch * params.epochs
+        if params.max_steps is not None:
+            self.total = min(self.total, params.max_steps)
         self._perm: tuple[int, list[int]] | None = None
         log.info(
             "lora trainer ready",

@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import Field, field_validator
 
 from gpujob.api import ARTIFACT_PREFIX, JobType
-from gpujob.api.models import WireModel
+from gpujob.api.params import VideoParams
 from gpujob.worker.context import TaskContext
 from gpujob.worker.errors import TransientError
 from gpujob.worker.task import Task
@@ -29,26 +28,13 @@ CODEC = "libx264"
 RENDER_SHARE = 95.0
 
 
-class VideoParams(WireModel):
-    width: int = Field(256, ge=16, le=3840)
-    height: int = Field(256, ge=16, le=2160)
-    frames: int = Field(48, ge=1, le=10_000)
-    fps: int = Field(24, ge=1, le=120)
-    max_iter: int = Field(64, ge=4, le=2_000)
-    crf: int = Field(23, ge=0, le=51)
-
-    @field_validator("width", "height")
-    @classmethod
-    def _even(cls, value: int) -> int:
-        if value % 2:
-            raise ValueError("must be even (yuv420p)")
-        return value
-
-
 def render_frame(p: VideoParams, index: int, device: torch.device) -> torch.Tensor:
-    """One RGB frame [height, width, 3] uint8: smooth escape-time colouring of z -> z² + c, c circling."""
+    """One RGB frame [height, width, 3] uint8: smooth escape-time colouring of z -> z² + c, c circling (from a
+    point and with a palette the prompt picks: a stand-in generator cannot draw the prompt, but honours it)."""
     t = index / max(p.frames, 1)
-    c = complex(0.7885 * math.cos(2 * math.pi * t), 0.7885 * math.sin(2 * math.pi * t))
+    seed = p.prompt_seed()  # the prompt picks where on the circle the clip starts and its palette
+    angle = 2 * math.pi * (t + seed)
+    c = complex(0.7885 * math.cos(angle), 0.7885 * math.sin(angle))
     zoom = 1.5 * (1 - 0.3 * math.sin(math.pi * t))
     aspect = p.width / p.height
     xs = torch.linspace(-zoom * aspect, zoom * aspect, p.width, device=device)
@@ -62,7 +48,7 @@ def render_frame(p: VideoParams, index: int, device: torch.device) -> torch.Tens
     # Smooth the iteration count so the bands don't flicker between frames.
     smooth = count + 1 - torch.log2(torch.log(z.abs().clamp(min=1.0001)).clamp(min=1e-6) + 1)
     x = (smooth / p.max_iter).clamp(0, 1)[..., None]
-    phase = torch.tensor([0.0, 0.33, 0.67], device=device) + t
+    phase = torch.tensor([0.0, 0.33, 0.67], device=device) + t + seed
     rgb = 0.5 + 0.5 * torch.cos(2 * math.pi * (x * 3 + phase))
     return (rgb * 255).to(torch.uint8)
 

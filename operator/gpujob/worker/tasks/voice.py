@@ -19,29 +19,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
 from gpujob.api import ARTIFACT_PREFIX, JobType
-from gpujob.api.models import WireModel
+from gpujob.api.params import VoiceParams
 from gpujob.worker.context import TaskContext
 from gpujob.worker.task import Task
 
 FRAME_RATE = 100  # conditioning frames per second
 N_POSITION = 4  # sin/cos pairs of the position in the clip (the "text" a real model would get)
 TRAIN_SHARE = 95.0
-
-
-class VoiceParams(WireModel):
-    epochs: int = Field(20, ge=1, le=10_000)
-    steps_per_epoch: int = Field(10, ge=1, le=10_000)
-    sample_rate: int = Field(16_000, ge=8_000, le=48_000)
-    seconds: float = Field(1.0, gt=0, le=30)
-    f0_hz: float = Field(140.0, ge=50, le=1_000)
-    harmonics: int = Field(24, ge=1, le=256)
-    hidden: int = Field(64, ge=8, le=4096)
-    learning_rate: float = Field(3e-3, gt=0, le=1)
-    seed: int = 0
 
 
 class HarmonicVocoder(nn.Module):
