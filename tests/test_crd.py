@@ -494,3 +494,45 @@ def test_emulator_keeps_metadata_and_free_form_params_and_drops_unknown_spec_fie
     job = _job({"type": "custom", "typo": 1, "params": {"kept": {"deep": True}}})
     assert emulator.prune(ROOT_SCHEMA, job) == ["spec.typo"]
     assert job == _job({"type": "custom", "params": {"kept": {"deep": True}}})
+
+
+# --- issue 13 item 7: what `kubectl explain` and `kubectl get gj` say is what the operator does
+OPERATOR_SOURCES = sorted((ROOT / "operator" / "gpujob" / "operator").glob("*.py"))
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[A-Za-z]+", text))
+
+
+def test_status_reason_description_names_every_reason_the_operator_sets_and_no_other() -> None:
+    """`kubectl explain gpujob.status.reason` is the list of reasons: each one the code sets, none it does not
+    (it used to name BackoffLimitExceeded, which the operator never sets, and pendingTimeoutSeconds promised
+    PendingTimeout where the Pod's own reason is set)."""
+    used = {
+        name for path in OPERATOR_SOURCES for name in re.findall(r"(?<![A-Za-z])Reason\.([A-Z_]+)", path.read_text())
+    }
+    set_by_code = {constants.Reason[name] for name in used}
+    assert set_by_code == set(constants.Reason) - constants.UNSET_REASONS  # no dead reasons in the vocabulary
+    described = _words(STATUS_SCHEMA["properties"]["reason"]["description"])
+    assert {r.value for r in set_by_code} <= described
+    assert not {r.value for r in constants.UNSET_REASONS} & described
+    pending = _words(SPEC_SCHEMA["properties"]["pendingTimeoutSeconds"]["description"])
+    from gpujob.operator.podview import WAITING_REASONS
+
+    assert {r.value for r in WAITING_REASONS.values()} | {"Unschedulable", "PendingTimeout"} <= pending
+
+
+def test_phase_description_names_every_phase() -> None:
+    assert {p.value for p in Phase} <= _words(STATUS_SCHEMA["properties"]["phase"]["description"])
+
+
+def test_progress_column_is_whole_percent() -> None:
+    """`kubectl get gj` shows 33, not 33.333333333333336: an integer column (the API server's table converter
+    truncates a float to int64 for it)."""
+    columns = {column["name"]: column for column in VERSION["additionalPrinterColumns"]}
+    assert columns["Progress"]["type"] == "integer"
+
+
+def test_cancel_is_final_by_a_cel_transition_rule() -> None:
+    cancel = SPEC_SCHEMA["properties"]["cancel"]
+    assert [rule["rule"] for rule in cancel["x-kubernetes-validations"]] == ["oldSelf == false || self == true"]

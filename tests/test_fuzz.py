@@ -73,7 +73,25 @@ def test_any_valid_spec_builds_a_pod_the_kubernetes_schema_accepts(spec: dict[st
 LEGAL = {
     None: {Phase.QUEUED},
     Phase.QUEUED: {Phase.SCHEDULED, Phase.SUSPENDED, Phase.CANCELLED, Phase.FAILED},
-    Phase.SCHEDULED: {Phase.RUNNING, Phase.SUCCEEDED, Phase.FAILED, Phase.RETRYING, Phase.SUSPENDED, Phase.CANCELLED},
+    Phase.SCHEDULED: {
+        Phase.PENDING,
+        Phase.RUNNING,
+        Phase.SUCCEEDED,
+        Phase.FAILED,
+        Phase.RETRYING,
+        Phase.SUSPENDED,
+        Phase.CANCELLED,
+    },
+    # Stuck (unschedulable, image pull errors): unstuck (Scheduled), or on as from Scheduled.
+    Phase.PENDING: {
+        Phase.SCHEDULED,
+        Phase.RUNNING,
+        Phase.SUCCEEDED,
+        Phase.FAILED,
+        Phase.RETRYING,
+        Phase.SUSPENDED,
+        Phase.CANCELLED,
+    },
     Phase.RUNNING: {Phase.SUCCEEDED, Phase.FAILED, Phase.RETRYING, Phase.SCHEDULED, Phase.SUSPENDED, Phase.CANCELLED},
     Phase.RETRYING: {Phase.SCHEDULED, Phase.SUSPENDED, Phase.CANCELLED},
     Phase.SUSPENDED: {Phase.SCHEDULED, Phase.CANCELLED},

@@ -27,7 +27,7 @@ def test_gpujob_becomes_gpu_pod_with_spec(operator: OperatorProcess, cluster: Cl
     assert owner.kind == "GpuJob" and owner.controller is True and owner.uid == cluster.job("lora")["metadata"]["uid"]
     env = {e.name: e.value for e in c.env}
     assert json.loads(env["GPUJOB_JOB_PARAMS"])["epochs"] == 2 and env["GPUJOB_ATTEMPT"] == "1"
-    status = cluster.wait_phase("lora", Phase.SCHEDULED)
+    status = cluster.wait_phase("lora", cluster.resting_phase)
     assert status["attempts"] == 1 and status["podName"] == pod.metadata.name
 
 
@@ -39,7 +39,7 @@ def test_any_valid_gpujob_name_gives_a_valid_pod(operator: OperatorProcess, clus
     assert len(pod.metadata.name) <= 63 and ".-" not in pod.metadata.name
     assert len(pod.metadata.labels[Label.JOB_NAME]) <= 63
     assert pod.metadata.labels[Label.JOB_NAME] != name[:63]  # hashed, so two long names never share a label
-    assert cluster.wait_phase(name, Phase.SCHEDULED)["podName"] == pod.metadata.name
+    assert cluster.wait_phase(name, cluster.resting_phase)["podName"] == pod.metadata.name
 
 
 @pytest.mark.backends("kubernetes")

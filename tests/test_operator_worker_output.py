@@ -114,6 +114,6 @@ def test_the_ttl_delete_never_deletes_a_gpujob_recreated_under_the_same_name(
         timeout=30,
         what="the new job's Pod",
     )
-    status = cluster.wait_phase("reborn", Phase.SCHEDULED)
+    status = cluster.wait_phase("reborn", cluster.resting_phase)
     job = cluster.job("reborn")
     assert job is not None and job["metadata"]["uid"] == new_uid and status["attempts"] == 1

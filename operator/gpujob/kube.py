@@ -346,3 +346,29 @@ async def delete_gpujob(namespace: str, name: str, uid: str | None = None) -> Ou
             return Outcome.ABSENT
         raise
     return Outcome.DELETED
+
+
+async def create_event(namespace: str, body: dict[str, Any]) -> Outcome:
+    """Create an events.k8s.io/v1 Event (409: one of that name exists, i.e. already posted)."""
+    events: Any = client.EventsV1Api(await api_client())
+    try:
+        await events.create_namespaced_event(namespace, body, _preload_content=False)
+    except ApiException as exc:
+        if exc.status == 409:
+            return Outcome.EXISTED
+        raise
+    return Outcome.CREATED
+
+
+async def patch_event(namespace: str, name: str, patch: dict[str, Any]) -> Outcome:
+    """Merge-patch an events.k8s.io/v1 Event (a series' count and last time); 404 = it expired or was deleted."""
+    events: Any = client.EventsV1Api(await api_client())
+    try:
+        await events.patch_namespaced_event(
+            name, namespace, patch, _content_type="application/merge-patch+json", _preload_content=False
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            return Outcome.ABSENT
+        raise
+    return Outcome.PATCHED

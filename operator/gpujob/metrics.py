@@ -42,7 +42,7 @@ DURATION_BUCKETS: Final = (
 QUEUE_WAIT_BUCKETS: Final = (1, 5, 10, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 28800, 86400)
 
 # A job is "pending" from the moment it is accepted until its first Running (Queued and Scheduled).
-PENDING_PHASES: Final = frozenset({Phase.QUEUED, Phase.SCHEDULED})
+PENDING_PHASES: Final = frozenset({Phase.QUEUED, Phase.SCHEDULED, Phase.PENDING})
 LIVE_PHASES: Final = tuple(p for p in Phase if p not in TERMINAL_PHASES)
 
 UNKNOWN_REASON: Final = "Unknown"  # the operator gave no reason

@@ -135,6 +135,12 @@ class Cluster:
         )
         return created
 
+    @property
+    def resting_phase(self) -> Phase:
+        """Where a job whose Pod nobody runs rests: Scheduled on the emulator; Pending (Unschedulable) on the real
+        control plane, whose scheduler finds no Node in the pen."""
+        return Phase.PENDING if self.pen else Phase.SCHEDULED
+
     @staticmethod
     def without_pen(node_selector: dict[str, str] | None) -> dict[str, str]:
         """A Pod's nodeSelector less the pen's key that `create_job` added."""

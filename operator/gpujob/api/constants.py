@@ -59,7 +59,8 @@ class Phase(StrEnum):
     """GpuJob.status.phase. The event `status` field is the lower-case phase."""
 
     QUEUED = "Queued"  # accepted, no Pod yet (or waiting for the next attempt's Pod)
-    SCHEDULED = "Scheduled"  # Pod created, not running yet
+    SCHEDULED = "Scheduled"  # Pod created, on its way to running (being bound, pulling, starting)
+    PENDING = "Pending"  # Pod created but stuck: cannot be scheduled, image pull errors (status.reason says which)
     RUNNING = "Running"
     RETRYING = "Retrying"  # an attempt failed; the next one starts after the back-off
     SUSPENDED = "Suspended"
@@ -98,7 +99,8 @@ class ConditionType(StrEnum):
 
 
 class Reason(StrEnum):
-    """Machine-readable reasons on conditions, status.reason and events."""
+    """Machine-readable reasons on conditions and status.reason (crds/gpujob.yaml's status.reason description names
+    every one the operator sets: tests/test_crd.py keeps them in step)."""
 
     CREATED = "Created"
     POD_CREATED = "PodCreated"
@@ -107,6 +109,7 @@ class Reason(StrEnum):
     SUCCEEDED = "Succeeded"
     ERROR = "Error"  # the container exited non-zero
     NON_RETRYABLE_EXIT_CODE = "NonRetryableExitCode"
+    # Not set by the operator (a job out of retries fails with its last attempt's reason); kept as a metrics label.
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
     OOM_KILLED = "OOMKilled"
     DEADLINE_EXCEEDED = "DeadlineExceeded"
@@ -114,7 +117,7 @@ class Reason(StrEnum):
     IMAGE_PULL_BACKOFF = "ImagePullBackOff"
     ERR_IMAGE_PULL = "ErrImagePull"
     CREATE_CONTAINER_CONFIG_ERROR = "CreateContainerConfigError"
-    PENDING_TIMEOUT = "PendingTimeout"
+    PENDING_TIMEOUT = "PendingTimeout"  # pendingTimeoutSeconds passed and the Pod gave no reason of its own
     POD_DELETED = "PodDeleted"  # deleted or evicted from outside: not the job's own failure
     EVICTED = "Evicted"
     SUSPENDED = "Suspended"
@@ -122,9 +125,29 @@ class Reason(StrEnum):
     CANCELLED = "Cancelled"
     INVALID_SPEC = "InvalidSpec"
     INVALID_PARAMS = "InvalidParams"  # spec.params do not fit the built-in type's params model (gpujob.api.params)
-    NOT_SUSPENDED = "NotSuspended"
     OUT_OF_MEMORY = "OutOfMemory"  # the worker ran out of GPU memory (exit code ExitCode.OUT_OF_MEMORY)
     GPU_UNAVAILABLE = "GpuUnavailable"  # GPUs were requested but CUDA is not usable in the Pod
+
+
+# Reasons of status.reason/conditions the operator never sets (kept for other vocabularies, e.g. metrics labels).
+UNSET_REASONS: Final = frozenset({Reason.BACKOFF_LIMIT_EXCEEDED})
+
+
+class EventReason(StrEnum):
+    """Reasons of the Kubernetes Events the operator posts about a GpuJob (`kubectl describe gj`, `kubectl get
+    events`); the status reason of the moment is in each Event's note."""
+
+    ATTEMPT_STARTED = "AttemptStarted"  # an attempt's Pod was created
+    SCHEDULED = "Scheduled"  # the attempt's Pod was bound to a node
+    WAITING = "Waiting"  # the attempt's Pod is stuck Pending (Unschedulable, ImagePullBackOff, ...)
+    RUNNING = "Running"
+    RETRYING = "Retrying"  # an attempt failed; the next one starts after the back-off
+    FAILED = "Failed"
+    SUCCEEDED = "Succeeded"
+    SUSPENDED = "Suspended"
+    RESUMED = "Resumed"
+    CANCELLED = "Cancelled"
+    SPEC_CHANGED = "SpecChanged"  # the spec changed under a live attempt: it applies to the next attempt
 
 
 class ExitCode:

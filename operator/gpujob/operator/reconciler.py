@@ -27,6 +27,8 @@ from gpujob.operator.status import Decision, Transition, decide, fail_now, statu
 log = logging.getLogger("gpujob.reconciler")
 
 TransitionSink = Callable[[dict[str, Any], list[Transition], GpuJobStatus], Awaitable[None]]
+# Told of every status write (the job as stored, the pass's decision); must not block (Kubernetes Events).
+WriteObserver = Callable[[dict[str, Any], Decision], None]
 ErrorSink = Callable[[str], None]
 
 # A job is never abandoned: a failing reconcile is retried for as long as it fails, backing off exponentially up
@@ -45,6 +47,7 @@ class Reconciler:
     defaults: PodDefaults
     sinks: list[TransitionSink] = field(default_factory=list)
     on_error: ErrorSink | None = None
+    observers: list[WriteObserver] = field(default_factory=list)
     clock: Callable[[], datetime] = utcnow
     _locks: dict[JobKey, asyncio.Lock] = field(default_factory=dict)
     _timers: dict[JobKey, asyncio.TimerHandle] = field(default_factory=dict)
@@ -188,6 +191,11 @@ class Reconciler:
         if stored is None:
             return
         self.store.put_job(stored)
+        for observer in self.observers:
+            try:
+                observer(stored, decision)
+            except Exception:  # best effort: the status write has happened
+                log.exception("write observer failed for %s/%s", *key)
         if decision.transitions:
             for sink in self.sinks:
                 try:

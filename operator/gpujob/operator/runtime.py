@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -25,6 +27,7 @@ from gpujob.metrics import Metrics
 from gpujob.operator.builders import PodDefaults
 from gpujob.operator.cache import JobKey, Store
 from gpujob.operator.conventions import parse_time
+from gpujob.operator.kevents import EventRecorder
 from gpujob.operator.progress import EventForwarder, ProgressMirror
 from gpujob.operator.reconciler import Reconciler, utcnow
 from gpujob.operator.status import Transition
@@ -84,9 +87,14 @@ class Runtime:
     started: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _announced: bool = False
+    # Kubernetes Events about GpuJobs (reportingInstance: this operator's Pod, as the chart's POD_ID names it).
+    recorder: EventRecorder = field(
+        default_factory=lambda: EventRecorder(os.environ.get("POD_ID") or socket.gethostname())
+    )
 
     def __post_init__(self) -> None:
         self.reconciler = Reconciler(self.store, self.defaults, on_error=self.metrics.handler_error)
+        self.reconciler.observers.append(self.recorder.observe)
         self.reconciler.sinks.append(self.record_metrics)
         if self.settings.prometheus_url:
             self.reconciler.sinks.append(self.record_gpu_efficiency)
@@ -109,6 +117,8 @@ class Runtime:
         # Before kopf resolves its resources (its watchers start after this startup handler).
         await kube.wait_for_discovery({"v1": "pods", f"{GROUP}/{VERSION}": PLURAL})
         await self._list_pods()
+        if not any(task.get_name() == "kubernetes-events" for task in self._tasks):
+            self.spawn("kubernetes-events", self.recorder.run())
         if self.settings.redis_url is not None and self.redis is None:
             self.redis = async_client(self.settings)
             self.health.add_readiness_check("redis", self._redis_ping)

@@ -45,6 +45,7 @@ class Decision:
     requeue_after: float | None = None  # reconcile again after this many seconds
     delete_job: bool = False  # ttlSecondsAfterFinished elapsed
     transitions: list[Transition] = field(default_factory=list)
+    previous: GpuJobStatus | None = None  # the status this pass started from (what Events are derived against)
 
 
 @dataclass
@@ -146,7 +147,7 @@ def decide(body: dict[str, Any], pods: list[PodView], now: datetime, *, spec: Gp
     current = GpuJobStatus.model_validate(body.get("status") or {})
     b = _Builder(current.model_copy(deep=True), now, generation)
     b.status.observed_generation = generation
-    d = Decision(status=b.status)
+    d = Decision(status=b.status, previous=current)
 
     if spec is None:
         try:
@@ -168,6 +169,8 @@ def decide(body: dict[str, Any], pods: list[PodView], now: datetime, *, spec: Gp
 
     if b.status.phase is None:
         b.phase(Phase.QUEUED, Reason.CREATED, "GpuJob accepted")
+    if b.status.progress is None and not (b.status.phase and b.status.phase.terminal):
+        b.status.progress = Progress()  # 0 % from the start: `kubectl get gj` shows it before the worker reports
     phase = b.status.phase or Phase.QUEUED
 
     if phase.terminal:
@@ -235,8 +238,9 @@ def _observe_pod(b: _Builder, d: Decision, spec: GpuJobSpec, pod: PodView, now: 
             b.cond(ConditionType.SCHEDULED, True, Reason.POD_PENDING, f"bound to {pod.node_name}")
         reason: Reason | None = WAITING_REASONS.get(pod.reason or "", Reason.UNSCHEDULABLE if pod.reason else None)
         if reason is not None:
+            # Stuck, not on its way: Pending with the Pod's reason and the scheduler's (or kubelet's) message.
             b.cond(ConditionType.SCHEDULED, bool(pod.node_name), reason, pod.message or reason)
-            b.phase(Phase.SCHEDULED, reason, pod.message or "")
+            b.phase(Phase.PENDING, reason, pod.message or "")
         elif b.status.phase is not Phase.SCHEDULED:
             b.phase(Phase.SCHEDULED, Reason.POD_PENDING, f"attempt {pod.attempt} pending")
         since = pod.created or now
@@ -327,4 +331,4 @@ def fail_now(body: dict[str, Any], reason: str, message: str, now: datetime) -> 
     b = _Builder(status.model_copy(deep=True), now, (body.get("metadata") or {}).get("generation"))
     b.status.observed_generation = b.generation
     _finish(b, Phase.FAILED, reason, message)
-    return Decision(status=b.status, transitions=b.transitions)
+    return Decision(status=b.status, transitions=b.transitions, previous=status)
