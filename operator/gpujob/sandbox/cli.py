@@ -1,17 +1,24 @@
-"""`gpujob sandbox`: run the local control plane in the foreground until SIGTERM/SIGINT."""
+"""`gpujob sandbox`: run the local control plane, and the operator on it, in the foreground until SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import json
+import os
 import signal
+import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from gpujob.sandbox.emulator import Emulator
 from gpujob.sandbox.realcluster import KubernetesSandbox
 from gpujob.sandbox.services import SandboxServices
 from gpujob.sandbox.services import add_arguments as add_service_arguments
+from gpujob.sandbox.stack import Process
+
+BIN = Path(sys.executable).parent  # this venv's gpujob (the operator, and the worker in every job Pod)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +47,73 @@ def build_parser() -> argparse.ArgumentParser:
         help="CRD file or directory of *.yaml to install (repeatable; default: ./crds)",
     )
     add_service_arguments(parser)  # --state-dir, kubelet (--kubelet, --gpus, --models-dir), redis, s3
+    operator = parser.add_argument_group("operator")
+    operator.add_argument(
+        "--operator",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run `gpujob operator` (with the Redis bridge when redis runs) against the sandbox, its log in "
+        "STATE_DIR/operator.log; --no-operator to run your own (default: run it)",
+    )
     return parser
+
+
+def next_steps(services: SandboxServices, operator: bool) -> list[str]:
+    """What to type next, in another shell."""
+    lines = ["", "Next steps (in another shell):", f"  source {services.state_dir / 'env'}   # KUBECONFIG and the rest"]
+    lines.append(f"  export KUBECONFIG={services.env['KUBECONFIG']}")
+    if not operator:
+        lines.append("  gpujob operator &                 # --no-operator: the sandbox does not run it")
+    lines += ["  kubectl apply -f examples/", "  kubectl get gj"]
+    if "GPUJOB_REDIS_URL" in services.env:
+        lines += [
+            "  JOB_ID=$(gpujob submit --type render_video -p frames=8 -p width=64 -p height=64)",
+            '  gpujob watch "$JOB_ID"',
+        ]
+    return lines
+
+
+def operator_env(services: SandboxServices) -> dict[str, str]:
+    """The operator's env: this sandbox's API, redis and S3, job Pods running this venv's `gpujob worker`
+    (the local kubelet never pulls images)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUJOB_") and k != "KUBECONFIG"}
+    passed = ("KUBECONFIG", "GPUJOB_REDIS_URL", "GPUJOB_S3_ENDPOINT", "GPUJOB_S3_BUCKET", "GPUJOB_S3_SECURE")
+    env.update({k: services.env[k] for k in passed if k in services.env})
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        PYTHONUNBUFFERED="1",
+        GPUJOB_WORKER_COMMAND=json.dumps([str(BIN / "gpujob"), "worker"]),
+        GPUJOB_WORKER_IMAGE="local/gpujob-worker:sandbox",  # never pulled: the kubelet runs the command
+        GPUJOB_CONSUMER_NAME="sandbox-operator",
+        GPUJOB_STATUS_PROGRESS_INTERVAL="1",
+    )
+    return env
+
+
+@contextlib.asynccontextmanager
+async def running_operator(args: argparse.Namespace, services: SandboxServices) -> AsyncIterator[Process | None]:
+    if not args.operator:
+        yield None
+        return
+    log_path = services.state_dir / "operator.log"
+    proc = Process(
+        "gpujob operator", [str(BIN / "gpujob"), "operator"], operator_env(services), log_path, "operator started"
+    )
+    try:
+        await asyncio.to_thread(proc.start, 120.0)
+        print(f"sandbox: operator running (log {log_path})", flush=True)
+        yield proc
+    finally:
+        await asyncio.to_thread(proc.stop, 20.0)
+
+
+async def serve(args: argparse.Namespace, services: SandboxServices, stop: asyncio.Event) -> None:
+    """Everything is up: start the operator, say what to do next, run until asked to stop."""
+    print("\n".join(services.describe()), flush=True)
+    async with running_operator(args, services):
+        print("\n".join(next_steps(services, args.operator)), flush=True)
+        print("sandbox ready", flush=True)
+        await stop.wait()
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -58,9 +131,7 @@ async def run(args: argparse.Namespace) -> int:
         print(f"sandbox: API emulator ready at {emulator.url} (kubeconfig {args.kubeconfig}; CRDs: {crds})", flush=True)
         # Kubelet, redis, S3 and the worker Secret; leaving the block stops them (and every Pod's process).
         async with SandboxServices(args, emulator) as services:
-            print("\n".join(services.describe()), flush=True)
-            print("sandbox ready", flush=True)
-            await stop.wait()
+            await serve(args, services, stop)
     print("sandbox: stopped", flush=True)
     return 0
 
@@ -80,9 +151,7 @@ async def run_kubernetes(args: argparse.Namespace, crds: list[Path], stop: async
         sandbox.write_kubeconfig(args.kubeconfig)
         print(f"sandbox: Kubernetes {sandbox.version} ready at {sandbox.cp.url if sandbox.cp else '?'}", flush=True)
         async with SandboxServices(args, sandbox) as services:
-            print("\n".join(services.describe()), flush=True)
-            print("sandbox ready", flush=True)
-            await stop.wait()
+            await serve(args, services, stop)
     finally:
         await asyncio.to_thread(sandbox.stop)
     print("sandbox: stopped", flush=True)

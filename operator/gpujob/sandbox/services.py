@@ -23,6 +23,9 @@ from gpujob.sandbox.s3_server import S3Server, weed_binary
 log = logging.getLogger("gpujob.sandbox")
 WORKER_SECRET = "gpujob-worker"
 DEFAULT_BUCKET = "gpujob"
+# Base models every sandbox has under /opt/models (a tiny random Llama and its tokenizer: trains in seconds on a
+# CPU); examples/train-lora.yaml and the README's `gpujob submit` name it.
+SANDBOX_MODELS = ("tiny-llama",)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +69,27 @@ def _wanted(flag: bool | None, binary: str) -> bool:
             return False
         return True
     return shutil.which(binary) is not None
+
+
+def ship_models(models_dir: Path) -> list[str]:
+    """Write the small base models the examples and the README name into the sandbox's models dir (what
+    /opt/models is in its Pods), unless already there; returns the names written. A real cluster's models
+    volume holds real ones (`baseModel` is a directory inside it)."""
+    written: list[str] = []
+    for name in SANDBOX_MODELS:
+        if (models_dir / name / "config.json").exists():
+            continue
+        try:
+            from gpujob.worker.tiny_model import write_tiny_model
+        except ImportError as exc:  # no worker extras: the sandbox still runs, train_lora jobs fail with 64
+            log.warning("no base model for the sandbox (pip install -e '.[worker]'): %s", exc)
+            return written
+        tmp = models_dir / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_tiny_model(tmp)
+        tmp.rename(models_dir / name)  # whole or not at all: a half-written model never looks ready
+        written.append(name)
+    return written
 
 
 def _b64(value: str) -> str:
@@ -127,6 +151,8 @@ class SandboxServices:
             self.kubelet = kubelet_mod.Kubelet(self.api.url, config)
             await self.kubelet.__aenter__()
             self.env["GPUJOB_MODELS_DIR"] = str(config.models_dir.resolve())
+        if models := self.env.get("GPUJOB_MODELS_DIR"):
+            await asyncio.to_thread(ship_models, Path(models))
         env_file = self.state_dir / "env"
         env_file.write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in self.env.items()))
         env_file.chmod(0o600)

@@ -160,6 +160,7 @@ class LocalStack:
             timeout = max(timeout, 240.0)  # etcd, apiserver, controllers, nodes: seconds, not milliseconds
         argv += ["--state-dir", str(self.state_dir), "--gpus", str(self.gpus), "--crds", str(REPO / "crds")]
         argv += ["--redis", "--s3"]  # required here: fail loudly when a binary is missing
+        argv += ["--no-operator"]  # the stack runs its own, with test settings (start_operator)
         self.sandbox = Process("gpujob sandbox", argv, self.base_env(), self.workdir / "sandbox.log", "sandbox ready")
         self.sandbox.start(timeout)
         self.env = read_env_file(self.state_dir / "env")
