@@ -19,6 +19,7 @@ from gpujob.operator.conventions import iso
 from gpujob.operator.podview import PodView, pod_view, worker_result
 from gpujob.operator.status import Decision, decide, status_patch, without_worker_output
 from gpujob.sandbox import schema
+from tests.support.bridge import with_valid_params
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 CRD = yaml.safe_load((Path(__file__).resolve().parents[1] / "crds" / "gpujob.yaml").read_text())
@@ -29,7 +30,7 @@ SHA = "ab" * 32
 def job(spec: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "metadata": {"name": "j", "namespace": "ml", "uid": "u-1", "generation": 1},
-        "spec": {"type": "train_lora", **(spec or {})},
+        "spec": with_valid_params({"type": "train_lora", **(spec or {})}),
         "status": {},
     }
 
@@ -196,7 +197,7 @@ def params_of_size(size: int) -> dict[str, str]:
 
 
 def test_params_over_the_limit_fail_the_job_before_any_pod() -> None:
-    body = job({"params": params_of_size(MAX_PARAMS_BYTES + 1), "ttlSecondsAfterFinished": 60})
+    body = job({"type": "custom", "params": params_of_size(MAX_PARAMS_BYTES + 1), "ttlSecondsAfterFinished": 60})
     d = step(body, [])
     assert d.create_attempt is None and d.status.attempts == 0
     assert d.status.phase is Phase.FAILED and d.status.reason == Reason.INVALID_SPEC
@@ -206,15 +207,15 @@ def test_params_over_the_limit_fail_the_job_before_any_pod() -> None:
 
 
 def test_params_at_the_limit_run_and_multibyte_characters_count_as_bytes() -> None:
-    assert step(job({"params": params_of_size(MAX_PARAMS_BYTES)}), []).create_attempt == 1
+    assert step(job({"type": "custom", "params": params_of_size(MAX_PARAMS_BYTES)}), []).create_attempt == 1
     wide = {"p": "é" * (MAX_PARAMS_BYTES // 2)}  # fewer characters than the limit, more bytes
     assert GpuJobSpec.model_validate({"type": "custom", "params": wide}).params_error()
-    assert step(job({"params": wide}), []).status.reason == Reason.INVALID_SPEC
+    assert step(job({"type": "custom", "params": wide}), []).status.reason == Reason.INVALID_SPEC
 
 
 def test_params_grown_while_suspended_fail_the_resume() -> None:
     body = job({"suspend": True})
     step(body, [])
-    body["spec"] = {"type": "train_lora", "suspend": False, "params": params_of_size(MAX_PARAMS_BYTES + 10)}
+    body["spec"] = {"type": "custom", "suspend": False, "params": params_of_size(MAX_PARAMS_BYTES + 10)}
     d = step(body, [])
     assert d.status.phase is Phase.FAILED and d.status.reason == Reason.INVALID_SPEC and d.create_attempt is None

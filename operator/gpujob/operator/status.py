@@ -96,11 +96,11 @@ def _start_attempt(b: _Builder, d: Decision, spec: GpuJobSpec, reason: str, mess
         _finish(b, Phase.FAILED, Reason.INVALID_SPEC, invalid)
         _ttl(spec, b.status, b.now, d)
         return False
-    b.status.attempts += 1
     if (invalid := params_error(spec.type, spec.params)) is not None:  # a typo never reserves a GPU
         _finish(b, Phase.FAILED, Reason.INVALID_PARAMS, f"invalid params for {spec.type.value}: {invalid}")
         _ttl(spec, b.status, b.now, d)
         return False
+    b.status.attempts += 1
     b.status.pod_name = None
     b.status.node_name = None
     b.status.exit_code = None
