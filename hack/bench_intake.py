@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -39,7 +40,9 @@ from gpujob.api.request import JobRequest
 from gpujob.bridge.intake import Bridge, gpujob_body, intake_client
 from gpujob.events import EventPublisher, async_client, make_event
 from gpujob.sandbox import EmulatorThread
+from gpujob.sandbox.controlplane import ControlPlane, bin_dir
 from gpujob.sandbox.procs import RedisServer, free_port
+from gpujob.sandbox.realcluster import Rest, crd_files, install_crds
 from gpujob.settings import Settings
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -66,7 +69,8 @@ def namespace(emulator: EmulatorThread, name: str) -> str:
 
 
 def request_json(job_id: str) -> str:
-    return json.dumps({"jobId": job_id, "type": "train_lora", "gpus": 1, "params": {"epochs": 3, "rank": 8}})
+    params = {"baseModel": "tiny-llama", "dataset": {"s3Key": "datasets/bench.jsonl"}, "epochs": 3, "rank": 8}
+    return json.dumps({"jobId": job_id, "type": "train_lora", "gpus": 1, "params": params})
 
 
 # --- 1. the ceiling: the same creates without Redis
@@ -84,13 +88,13 @@ async def raw_creates(ns: str, n: int, concurrency: int, prefix: str) -> float:
 
 
 # --- 2. the bridge
-async def bridge_run(settings: Settings, n: int) -> tuple[float, dict[str, int]]:
+async def bridge_run(settings: Settings, n: int, prefix: str) -> tuple[float, dict[str, int]]:
     r = intake_client(settings)
     await r.delete(settings.request_stream)
     for chunk in range(0, n, 1000):
         pipe = r.pipeline(transaction=False)
         for i in range(chunk, min(n, chunk + 1000)):
-            pipe.xadd(settings.request_stream, {"job": request_json(f"req-{i}")})
+            pipe.xadd(settings.request_stream, {"job": request_json(f"{prefix}-{i}")})
         await pipe.execute()
     bridge = Bridge(settings, r)
     stop = asyncio.Event()
@@ -212,17 +216,34 @@ def settings_for(redis_url: str) -> Settings:
 
 
 async def intake_round(
-    settings: Settings, n: int, workdir: Path, round_no: int, latency: float
+    settings: Settings, n: int, workdir: Path, round_no: int, latency: float, cp: ControlPlane | None
 ) -> tuple[float, float, float]:
-    """One round on a fresh API server: ceiling before, bridge, ceiling after -> (bridge, ceiling, ratio)."""
-    with EmulatorThread(crd_dirs=[CRDS]) as emulator:
-        emulator.set_faults(latency_seconds=latency)
-        os.environ["KUBECONFIG"] = str(emulator.write_kubeconfig(workdir / f"kubeconfig-{round_no}"))
+    """One round: ceiling before, bridge, ceiling after -> (bridge, ceiling, ratio). On a fresh emulator, or on
+    the real control plane `cp` (fresh namespaces each round)."""
+    with contextlib.ExitStack() as stack:
+        if cp is None:
+            emulator = stack.enter_context(EmulatorThread(crd_dirs=[CRDS]))
+            emulator.set_faults(latency_seconds=latency)
+            os.environ["KUBECONFIG"] = str(emulator.write_kubeconfig(workdir / f"kubeconfig-{round_no}"))
+
+            def fresh(name: str) -> str:
+                return namespace(emulator, name)
+        else:
+            os.environ["KUBECONFIG"] = str(cp.kubeconfig)
+            rest = Rest(cp.kubeconfig)
+
+            def fresh(name: str) -> str:
+                rest.create("/api/v1/namespaces", {"metadata": {"name": f"{name}-{round_no}"}})
+                return f"{name}-{round_no}"
+
         concurrency = settings.concurrency
-        raw_before = await raw_creates(namespace(emulator, "bench-raw-1"), n, concurrency, "raw")
-        settings = settings.model_copy(update={"namespace": namespace(emulator, "bench-bridge")})
-        bridge_rate, outcomes = await bridge_run(settings, n)
-        raw_after = await raw_creates(namespace(emulator, "bench-raw-2"), n, concurrency, "raw")
+        raw_before = await raw_creates(fresh("bench-raw-1"), n, concurrency, "raw")
+        settings = settings.model_copy(update={"namespace": fresh("bench-bridge")})
+        if cp is not None and round_no == 1:  # a fresh apiserver warms up (caches, etcd): not measured
+            await raw_creates(fresh("bench-warm-up"), n, concurrency, "warm")
+        # jobIds new to this round: the bridge remembers the jobIds it created GpuJobs for (a duplicate is acked only)
+        bridge_rate, outcomes = await bridge_run(settings, n, f"req-{round_no}")
+        raw_after = await raw_creates(fresh("bench-raw-2"), n, concurrency, "raw")
         await kube.close()
     if outcomes != {"created": n}:
         raise RuntimeError(f"the bridge did not create every GpuJob: {outcomes}")
@@ -237,12 +258,19 @@ async def main(args: argparse.Namespace) -> None:
     table: list[tuple[str, list[float], str, str]] = []  # name, values, unit, note
     with RedisServer() as redis_server:
         settings = settings_for(redis_server.url)
+        where = "a real control plane" if args.api == "kubernetes" else "emulator in-process"
         print(f"intake benchmark: {args.requests:,} requests x {args.repeat} rounds, concurrency "
-              f"{settings.concurrency}, read batch {settings.read_batch}; emulator in-process "
+              f"{settings.concurrency}, read batch {settings.read_batch}; {where} "
               f"(+{args.api_latency_ms} ms per API request), local redis-server",
               flush=True)  # fmt: skip
         latency = args.api_latency_ms / 1000
-        rounds = [await intake_round(settings, args.requests, workdir, i + 1, latency) for i in range(args.repeat)]
+        with contextlib.ExitStack() as stack:
+            cp = None
+            if args.api == "kubernetes":
+                cp = stack.enter_context(ControlPlane(workdir / "kube", binaries=bin_dir(build=True)))
+                install_crds(Rest(cp.kubeconfig), crd_files([CRDS]))
+            rounds = [await intake_round(settings, args.requests, workdir, i + 1, latency, cp)
+                      for i in range(args.repeat)]  # fmt: skip
         bridge, ceiling, ratio = (list(column) for column in zip(*rounds, strict=True))
         mid = statistics.median(ratio)
         table += [
@@ -282,6 +310,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=10_000)
     parser.add_argument("--latency-jobs", type=int, default=100, help="jobs run by the real operator (0 = skip)")
+    parser.add_argument(
+        "--api",
+        choices=["emulator", "kubernetes"],
+        default="emulator",
+        help="where the ceiling and the bridge create GpuJobs: the emulator or a real control plane",
+    )
     parser.add_argument("--publishes", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=3, help="rounds of ceiling/bridge/ceiling")
     parser.add_argument("--api-latency-ms", type=float, default=0.0,

@@ -112,6 +112,18 @@ return out
 """
 
 
+# After a create: record the jobId as seen and, unless a cancel for it is waiting (the submit must apply it
+# first), acknowledge the entry, in one round trip. KEYS: seen, cancel, stream, failures; ARGV: entry id,
+# seconds to remember, group. Replies 1 when a cancel is waiting (the entry is not acknowledged yet), else 0.
+FINISH_SCRIPT = """
+redis.call("SET", KEYS[1], ARGV[1], "EX", ARGV[2], "NX")
+if redis.call("EXISTS", KEYS[2]) == 1 then return 1 end
+redis.call("XACK", KEYS[3], ARGV[3], ARGV[1])
+redis.call("HDEL", KEYS[4], ARGV[1])
+return 0
+"""
+
+
 @dataclass(frozen=True)
 class Read:
     """One entry as read: its fields as bytes (cut to a preview when `size` is over MAX_READ_BYTES)."""
@@ -189,6 +201,10 @@ class Bridge:
     _stop: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     _tails: dict[str, asyncio.Task[None]] = field(init=False, default_factory=dict)  # jobId -> its latest work
     _script: Any = field(init=False)
+    _finish: Any = field(init=False)
+    # (namespace, jobId) -> (seen, cancel) as read for a whole batch at once (one MGET, not one per entry)
+    _recalled: dict[tuple[str, str], tuple[Any, Any]] = field(init=False, default_factory=dict)
+    _acked: set[str] = field(init=False, default_factory=set)  # entries the finish script acknowledged
     _events: EventPublisher = field(init=False)
 
     def __post_init__(self) -> None:
@@ -196,6 +212,7 @@ class Bridge:
             raise ValueError("the intake reads bytes: give it intake_client(settings), not a decoding client")
         self._sem = asyncio.Semaphore(self.settings.concurrency)
         self._script = self.client.register_script(READ_SCRIPT)
+        self._finish = self.client.register_script(FINISH_SCRIPT)
         self._events = EventPublisher(self.client, self.settings)
 
     @property
@@ -344,26 +361,52 @@ class Bridge:
         for read in reads:
             parsed = read.parsed()
             by_job[read.entry_id if isinstance(parsed, InvalidEntry) else parsed.job_id].append((read, parsed))
+        # The tails are registered before anything here awaits: a later batch's entries of a jobId must find them.
+        entries = [p for items in by_job.values() for _, p in items if isinstance(p, Entry)]
+        recalling = asyncio.ensure_future(self._recall(entries))
         tasks = []
         for key, items in by_job.items():
-            task = asyncio.create_task(self._in_order(items, self._tails.get(key), redelivered=redelivered))
+            work = self._in_order(items, self._tails.get(key), recalling, redelivered=redelivered)
+            task = asyncio.create_task(work)
             self._tails[key] = task
             task.add_done_callback(functools.partial(self._forget_tail, key))
             tasks.append(task)
         results = await asyncio.gather(*tasks, return_exceptions=True)
+        [recalled] = await asyncio.gather(recalling, return_exceptions=True)
+        for job in recalled if isinstance(recalled, list) else []:  # those no submit took: read afresh later
+            self._recalled.pop(job, None)
         for result in results:
             if isinstance(result, BaseException):
                 raise result
+
+    async def _recall(self, entries: list[Entry]) -> list[tuple[str, str]]:
+        """What the intake remembers of the batch's submitted jobIds, in one MGET (a stale answer is safe: the
+        create's 409 and the finish script's cancel check catch what changed since)."""
+        wanted = [
+            (e.request.namespace or self.settings.namespace, e.job_id) for e in entries if e.action is Action.SUBMIT
+        ]
+        if wanted:
+            keys = [self._memo(what, ns, job_id) for ns, job_id in wanted for what in ("seen", "cancel")]
+            values = await self.client.mget(keys)
+            for i, key in enumerate(wanted):
+                self._recalled[key] = (values[2 * i], values[2 * i + 1])
+        return wanted
 
     def _forget_tail(self, key: str, task: asyncio.Task[None]) -> None:
         if self._tails.get(key) is task:
             del self._tails[key]
 
     async def _in_order(
-        self, items: list[tuple[Read, Entry | InvalidEntry]], after: asyncio.Task[None] | None, *, redelivered: bool
+        self,
+        items: list[tuple[Read, Entry | InvalidEntry]],
+        after: asyncio.Task[None] | None,
+        recalling: asyncio.Future[list[tuple[str, str]]],
+        *,
+        redelivered: bool,
     ) -> None:
         if after is not None:
             await asyncio.wait([after])  # outside the semaphore: waiting must not hold a slot; its failure is its own
+        await recalling  # (its failure is a Redis error: the entries stay pending)
         async with self._sem:
             for read, parsed in items:
                 await self.handle(read, parsed, redelivered=redelivered)
@@ -384,7 +427,10 @@ class Bridge:
                 why = f"handling failed {self.settings.max_deliveries} times (last error: {exc!r})"
                 return await self.dead_letter(read, why[:1000])
             raise
-        await self._ack(read.entry_id, redelivered=redelivered)
+        if read.entry_id in self._acked:
+            self._acked.discard(read.entry_id)
+        else:
+            await self._ack(read.entry_id, redelivered=redelivered)
         self.stats.requests_total[outcome] += 1
         return outcome
 
@@ -459,17 +505,17 @@ class Bridge:
             self._memo("seen", namespace, request.job_id),
             self._memo("cancel", namespace, request.job_id),
         )
-        seen, cancel = await self.client.mget(seen_key, cancel_key)
+        recalled = self._recalled.pop((namespace, request.job_id), None)
+        seen, cancel = recalled if recalled is not None else await self.client.mget(seen_key, cancel_key)
         if seen is not None:  # its GpuJob was made (from this entry or an earlier one); it may be gone by now
             if cancel is not None:  # finish what a crash between that create and its cancel check cut short
                 await kube.patch_gpujob(namespace, job_name(request.job_id), {"spec": {"cancel": True}})
             return RequestOutcome.DUPLICATE
         outcome = await kube.create_gpujob(namespace, gpujob_body(request, entry_id, cancelled=cancel is not None))
-        pipe = self.client.pipeline(transaction=False)
-        pipe.set(seen_key, entry_id, ex=REMEMBER_SECONDS, nx=True)
-        pipe.get(cancel_key)
-        _, cancel_now = await pipe.execute()
-        if cancel is None and cancel_now is not None:  # the cancel landed (on any replica) while we created
+        args = [entry_id, REMEMBER_SECONDS, self.group]
+        if await self._finish(keys=[seen_key, cancel_key, self.stream, self.failures_key], args=args) == 0:
+            self._acked.add(entry_id)
+        elif cancel is None:  # the cancel landed (on any replica) while we created: apply it, then ack
             await kube.patch_gpujob(namespace, job_name(request.job_id), {"spec": {"cancel": True}})
         return RequestOutcome.CREATED if outcome is kube.Outcome.CREATED else RequestOutcome.DUPLICATE
 
