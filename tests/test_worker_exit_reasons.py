@@ -10,6 +10,7 @@ import pytest
 from gpujob.api import ExitCode, Phase, Reason
 from gpujob.operator.podview import PodView
 from gpujob.operator.status import decide
+from tests.support.bridge import with_valid_params
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -23,7 +24,11 @@ T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
     ],
 )
 def test_worker_exit_codes_map_to_reasons(code: int, reason: Reason, error: str) -> None:
-    body = {"metadata": {"name": "j", "uid": "u-1", "generation": 1}, "spec": {"type": "train_lora"}, "status": {}}
+    body = {
+        "metadata": {"name": "j", "uid": "u-1", "generation": 1},
+        "spec": with_valid_params({"type": "train_lora"}),
+        "status": {},
+    }
     body["status"] = decide(body, [], T0).status.wire()
     result = json.dumps({"artifacts": [], "metrics": {}, "error": error, "exitCode": code})
     pod = PodView(name="j-1", attempt=1, phase="Failed", created=T0, exit_code=code, result=result)
