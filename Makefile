@@ -13,12 +13,13 @@ APT_PKGS  := redis-server prometheus
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 API       ?= emulator
-.PHONY: help setup kubernetes test lint typecheck unit demo bench chaos clean
+.PHONY: help setup kubernetes test test-unit lint typecheck demo bench chaos clean
 
 help:
 	@echo "make demo   - set up and run the whole pipeline on the local sandbox (API=kubernetes: real control plane)"
 	@echo "make kubernetes - build etcd and kube-apiserver/-controller-manager/-scheduler from Go modules (cached)"
 	@echo "make test   - set up and run lint, types and all tests"
+	@echo "make test-unit - the pure tier alone (tests/unit, about a minute)"
 	@echo "make bench  - benchmarks (hack/bench.py)"
 	@echo "make chaos  - full-size chaos suite, on the emulator and on the real control plane (SEED=N replays)"
 
@@ -73,6 +74,10 @@ typecheck: $(STAMP)/python
 
 test: setup kubernetes lint typecheck
 	$(BIN)/pytest -q -ra
+
+# The pure tier alone (no servers, about a minute): for a quick loop while editing.
+test-unit: setup
+	$(BIN)/pytest -q -ra tests/unit
 
 demo: setup $(if $(filter kubernetes,$(API)),kubernetes)
 	$(PY) hack/demo.py --api $(API)

@@ -1,5 +1,6 @@
 """Print docs/settings.md: every GPUJOB_* setting by concern, with its default and description, from
-operator/gpujob/settings.py. `python hack/settings_doc.py > docs/settings.md` (tests/test_settings.py checks it)."""
+operator/gpujob/settings.py. `python hack/settings_doc.py > docs/settings.md` (tests/unit/test_settings.py
+checks it)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The Helm chart under test: the real helm and kubectl binaries, rendering, and RBAC lookups.
 
-Used by tests/test_chart.py and by tests that apply the rendered chart into the API emulator and check the
+Used by tests/integration/test_chart.py and by tests that apply the rendered chart into the API emulator and check the
 operator's API calls against the rendered (Cluster)Roles.
 """
 

@@ -1,6 +1,7 @@
 """A real Prometheus (Debian's /usr/bin/prometheus) on a free loopback port, and a tiny HTTP endpoint it scrapes.
 
-Used by tests/test_gpu_efficiency.py and tests/test_rules.py. Fails loudly when prometheus is not installed.
+Used by tests/integration/test_gpu_efficiency.py and tests/integration/test_rules.py. Fails loudly when prometheus
+is not installed.
 """
 
 from __future__ import annotations

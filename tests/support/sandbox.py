@@ -1,5 +1,5 @@
-"""The sandbox kubelet on its own thread against the emulator fixture (tests/test_kubelet.py); the end-to-end
-tests run the whole stack as processes with gpujob.sandbox.stack.LocalStack."""
+"""The sandbox kubelet on its own thread against the emulator fixture (tests/integration/test_kubelet.py); the
+end-to-end tests run the whole stack as processes with gpujob.sandbox.stack.LocalStack."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from gpujob.worker.devices import Devices
 from gpujob.worker.errors import BadInput
 from gpujob.worker.tasks.lora import LoraParams, LoraTrainer, collate, lr_factor, read_jsonl
 from gpujob.worker.tiny_model import write_tiny_model
-from tests.test_worker import models_dir, worker  # noqa: F401  (fixtures)
+from tests.integration.test_worker import models_dir, worker  # noqa: F401  (fixtures)
 
 CPU = Devices(torch.device("cpu"))
 TEXTS = ["hi", "the quick brown fox jumps over the lazy dog", "", "low rank adapters", "a", "hello world from gpujob"]

@@ -22,7 +22,7 @@ from gpujob.sandbox import schema
 from tests.support.bridge import with_valid_params
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
-CRD = yaml.safe_load((Path(__file__).resolve().parents[1] / "crds" / "gpujob.yaml").read_text())
+CRD = yaml.safe_load((Path(__file__).resolve().parents[2] / "crds" / "gpujob.yaml").read_text())
 STATUS_SCHEMA = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
 SHA = "ab" * 32
 

@@ -22,7 +22,7 @@ from gpujob.api.request import InvalidEntry, parse_entry
 from gpujob.operator.status import decide
 from gpujob.worker.task import load_task
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LORA = {"baseModel": "tiny-llama", "dataset": {"text": ["hello"]}}
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -39,8 +39,8 @@ from tests.support.operator import Cluster
 
 STREAM, CGROUP, DEAD = "gpujobs:requests", "gpujob-operator", "gpujobs:requests:dead"
 CREATE_GPUJOB = RequestKey("create", GROUP, PLURAL, "", True)
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-CRD = Path(__file__).resolve().parent.parent / "crds" / "gpujob.yaml"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+CRD = Path(__file__).resolve().parents[2] / "crds" / "gpujob.yaml"
 
 
 def pending(r: redis.Redis) -> int:

@@ -18,7 +18,7 @@ import yaml
 from gpujob.api import GpuJobSpec, GpuJobStatus, JobType, Phase, constants, models
 from gpujob.sandbox import schema as emulator
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = ROOT / "crds" / "gpujob.yaml"
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 # The oldest Kubernetes we support and the newest kubernetes-validate knows.

@@ -19,7 +19,7 @@ from gpujob.sandbox.stack import VENV_BIN, Process, processes_under, read_env_fi
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOCS = [REPO / "README.md", REPO / "examples" / "README.md"]
 SKIP_MARKER = re.compile(r"<!--\s*sandbox:\s*skip\s*\((?P<why>[^)]+)\)\s*-->")
 FENCE = re.compile(r"^```(?P<lang>\w*)\s*$")

@@ -18,7 +18,7 @@ import redis
 from gpujob.events import SyncEventPublisher, make_event
 from gpujob.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NODE_DIR = ROOT / "tests" / "node"
 
 

@@ -26,7 +26,7 @@ from gpujob.api.request import (
     request_schema,
 )
 from gpujob.bridge.intake import gpujob_body
-from tests.test_crd import VALIDATOR
+from tests.integration.test_crd import VALIDATOR
 
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")

@@ -18,7 +18,7 @@ from gpujob.sandbox.faults import RequestKey
 from tests.support.chart import NAMESPACE, allowed, grants, of_kind, operator_container, render
 from tests.support.operator import Cluster, OperatorProcess, wait_for
 
-HA_VALUES = Path(__file__).resolve().parents[1] / "charts" / "gpujob-operator" / "ci" / "ha-values.yaml"
+HA_VALUES = Path(__file__).resolve().parents[2] / "charts" / "gpujob-operator" / "ci" / "ha-values.yaml"
 OPERATOR_AGENTS = {"kopf", "gpujob-operator"}  # kopf's own client and our kubernetes_asyncio client
 # Granted but not exercised by this run, each for a reason a real cluster has and the emulator has not.
 GRANTED_FOR_REAL_CLUSTERS = {

@@ -417,7 +417,7 @@ def exported_sample_names(registry: CollectorRegistry) -> set[str]:
 
 
 def exercised_metrics() -> Metrics:
-    """A Metrics instance with every family populated (used by tests/test_rules.py too)."""
+    """A Metrics instance with every family populated (used by tests/integration/test_rules.py too)."""
     m = Metrics()
     stamps: Iterable[tuple[Phase | None, Phase]] = [
         (None, Phase.QUEUED),

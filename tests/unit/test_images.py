@@ -13,7 +13,7 @@ import pytest
 
 from gpujob.cli import COMMANDS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILES = sorted(ROOT.glob("images/*/Dockerfile"))
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 

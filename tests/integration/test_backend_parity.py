@@ -22,7 +22,7 @@ from gpujob.sandbox.realcluster import HttpError, Rest
 from tests.support.kubernetes import ApiTarget, restricted_container
 from tests.support.operator import wait_for
 
-CRD = Path(__file__).resolve().parents[1] / "crds" / "gpujob.yaml"
+CRD = Path(__file__).resolve().parents[2] / "crds" / "gpujob.yaml"
 
 
 @pytest.fixture

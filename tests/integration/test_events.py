@@ -21,7 +21,7 @@ from gpujob.events import SyncEventPublisher, make_event
 from gpujob.settings import Settings
 from tests.support.operator import Cluster, wait_for
 
-NODE_DIR = Path(__file__).parent / "node"
+NODE_DIR = Path(__file__).resolve().parents[1] / "node"
 
 
 def subscriber(redis_url: str, job_id: str) -> tuple[list[ProgressEvent], threading.Event]:

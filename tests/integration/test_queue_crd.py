@@ -14,7 +14,7 @@ from gpujob.api.queues import GpuQueueSpec, QueuePreemption
 from gpujob.sandbox.realcluster import run_kubectl
 from tests.support.kubernetes import KubeSession
 
-CRD = yaml.safe_load((Path(__file__).resolve().parents[1] / "crds" / "gpuqueue.yaml").read_text())
+CRD = yaml.safe_load((Path(__file__).resolve().parents[2] / "crds" / "gpuqueue.yaml").read_text())
 SCHEMA = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 
 

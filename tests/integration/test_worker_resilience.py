@@ -35,7 +35,7 @@ from gpujob.worker.env import WorkerEnv
 from gpujob.worker.errors import Interrupted, TransientError
 from gpujob.worker.progress import ProgressReporter
 from gpujob.worker.runtime import run_key
-from tests.test_worker import TEXTS, models_dir, worker  # noqa: F401  (fixtures)
+from tests.integration.test_worker import TEXTS, models_dir, worker  # noqa: F401  (fixtures)
 
 PLUGIN = '''
 import ctypes

@@ -10,7 +10,7 @@ import pytest
 
 from gpujob.settings import GROUPS, Settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_setting_is_in_one_group_and_described() -> None:

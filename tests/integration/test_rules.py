@@ -16,9 +16,9 @@ import yaml
 from prometheus_client import generate_latest
 
 from tests.support.prometheus import ExpositionServer, PrometheusServer, wait_until
-from tests.test_metrics import exercised_metrics, exported_sample_names
+from tests.unit.test_metrics import exercised_metrics, exported_sample_names
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "gpujob-operator"
 RULES = CHART / "rules" / "gpujob.rules.yaml"
 DASHBOARD = CHART / "dashboards" / "gpujob.json"
