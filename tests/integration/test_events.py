@@ -19,6 +19,7 @@ from gpujob.api.constants import Phase
 from gpujob.api.events import ProgressEvent
 from gpujob.events import SyncEventPublisher, make_event
 from gpujob.settings import Settings
+from tests.support.bridge import request
 from tests.support.operator import Cluster, wait_for
 
 NODE_DIR = Path(__file__).resolve().parents[1] / "node"
@@ -55,12 +56,16 @@ def test_phase_events_are_ordered_and_follow_the_contract(
     events, _ = subscriber(redis_url, "ev-1")
     cluster.create_job("ev-1", {"type": "train_lora", "retries": {"limit": 1, "backoffSeconds": 0}})
     first = cluster.wait_pod("ev-1", 1).metadata.name
+    # Each attempt rests until the test runs its Pod: Scheduled here, Pending (Unschedulable) on the real
+    # control plane, whose scheduler finds no Node in the pen; the test waits for that so the order is fixed.
+    cluster.wait_phase("ev-1", cluster.resting_phase)
     cluster.set_pod(first, "Running")
     # The operator publishes the phases it sees: a Pod that is Running and Failed within one of its batching
     # windows would (rightly) go from scheduled to retrying, so the test lets it see Running first.
     cluster.wait_phase("ev-1", Phase.RUNNING)
     cluster.set_pod(first, "Failed", exit_code=1)
     name = cluster.wait_pod("ev-1", 2).metadata.name
+    cluster.wait_phase("ev-1", cluster.resting_phase)
     cluster.set_pod(name, "Running")
     # The worker's own progress, published the way gpujob.worker does, lands between the operator's events.
     settings = Settings(redis_url=redis_url)
@@ -72,11 +77,13 @@ def test_phase_events_are_ordered_and_follow_the_contract(
     cluster.set_pod(name, "Succeeded", exit_code=0, message=json.dumps(result))
     wait_for(lambda: events and events[-1].status == "succeeded", what="the succeeded event")
     statuses = [e.status for e in events]
-    assert statuses == ["queued", "scheduled", "running", "retrying", "scheduled", "running", "running", "succeeded"]
+    resting = ["scheduled", "pending"] if cluster.pen else ["scheduled"]
+    assert statuses == ["queued", *resting, "running", "retrying", *resting, "running", "running", "succeeded"]
     seqs = [e.seq for e in events]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), "seq strictly increasing"
     assert events[-1].progress == 100 and events[-1].artifacts == result["artifacts"]
-    assert events[3].reason == "Error" and events[4].attempt == 2
+    retrying = statuses.index("retrying")
+    assert events[retrying].reason == "Error" and events[retrying + 1].attempt == 2
     assert all(e.jobId == "ev-1" and e.timestamp for e in events)
     # Every event is also in the durable stream, and the latest state is kept for late subscribers.
     durable = [json.loads(f["event"]) for _, f in redis_client.xrange("gpujobs:events") if f["jobId"] == "ev-1"]
@@ -170,7 +177,7 @@ def test_no_secret_ever_reaches_the_operator_log(operator_factory: Any, cluster:
             }
         )
         r = redis.Redis.from_url(server.url, decode_responses=True)
-        r.xadd("gpujobs:requests", {"job": json.dumps({"jobId": "secretive", "type": "train_lora"})})
+        r.xadd("gpujobs:requests", request("secretive"))
         r.xadd("gpujobs:requests", {"job": "{broken"})
         cluster.wait_pod("secretive", 1)
         r.close()
