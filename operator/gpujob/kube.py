@@ -26,7 +26,9 @@ log = logging.getLogger("gpujob.kube")
 T = TypeVar("T")
 
 
-class Outcome(StrEnum):
+class Effect(StrEnum):
+    """What a write did: the API wrapper reads 409 on create and 404 on delete as "already done"."""
+
     CREATED = "created"
     EXISTED = "existed"
     DELETED = "deleted"
@@ -209,7 +211,7 @@ def is_status(exc: BaseException, *codes: int) -> bool:
     return isinstance(exc, ApiException) and exc.status in codes
 
 
-async def create_pod(namespace: str, body: dict[str, Any]) -> tuple[Outcome, dict[str, Any] | None]:
+async def create_pod(namespace: str, body: dict[str, Any]) -> tuple[Effect, dict[str, Any] | None]:
     """Create a Pod; returns the created object as the API server stored it (None if it already existed)."""
     api = await api_client()
     core: Any = client.CoreV1Api(api)  # stubs don't accept dict bodies
@@ -217,9 +219,9 @@ async def create_pod(namespace: str, body: dict[str, Any]) -> tuple[Outcome, dic
         data = await _read(await core.create_namespaced_pod(namespace, body, _preload_content=False))
     except ApiException as exc:
         if exc.status == 409:
-            return Outcome.EXISTED, None
+            return Effect.EXISTED, None
         raise
-    return Outcome.CREATED, data
+    return Effect.CREATED, data
 
 
 async def list_pods(
@@ -261,26 +263,26 @@ async def get_pod(namespace: str, name: str) -> dict[str, Any] | None:
         raise
 
 
-async def delete_pod(namespace: str, name: str, grace_seconds: int | None = None) -> Outcome:
+async def delete_pod(namespace: str, name: str, grace_seconds: int | None = None) -> Effect:
     core: Any = client.CoreV1Api(await api_client())  # stubs don't accept dict bodies
     try:
         await core.delete_namespaced_pod(name, namespace, grace_period_seconds=grace_seconds)
     except ApiException as exc:
         if exc.status == 404:
-            return Outcome.ABSENT
+            return Effect.ABSENT
         raise
-    return Outcome.DELETED
+    return Effect.DELETED
 
 
-async def create_gpujob(namespace: str, body: dict[str, Any]) -> Outcome:
+async def create_gpujob(namespace: str, body: dict[str, Any]) -> Effect:
     custom: Any = client.CustomObjectsApi(await api_client())
     try:
         await custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
     except ApiException as exc:
         if exc.status == 409:
-            return Outcome.EXISTED
+            return Effect.EXISTED
         raise
-    return Outcome.CREATED
+    return Effect.CREATED
 
 
 async def get_gpujob(namespace: str, name: str) -> dict[str, Any] | None:
@@ -294,7 +296,7 @@ async def get_gpujob(namespace: str, name: str) -> dict[str, Any] | None:
     return obj
 
 
-async def patch_gpujob(namespace: str, name: str, patch: dict[str, Any], *, status: bool = False) -> Outcome:
+async def patch_gpujob(namespace: str, name: str, patch: dict[str, Any], *, status: bool = False) -> Effect:
     """JSON merge-patch of a GpuJob (or its status subresource); 404 = the job is gone."""
     custom: Any = client.CustomObjectsApi(await api_client())
     method = custom.patch_namespaced_custom_object_status if status else custom.patch_namespaced_custom_object
@@ -302,9 +304,9 @@ async def patch_gpujob(namespace: str, name: str, patch: dict[str, Any], *, stat
         await method(GROUP, VERSION, namespace, PLURAL, name, patch, _content_type="application/merge-patch+json")
     except ApiException as exc:
         if exc.status == 404:
-            return Outcome.ABSENT
+            return Effect.ABSENT
         raise
-    return Outcome.PATCHED
+    return Effect.PATCHED
 
 
 async def patch_gpujob_status(
@@ -334,7 +336,7 @@ async def patch_gpujob_status(
         raise
 
 
-async def delete_gpujob(namespace: str, name: str, uid: str | None = None) -> Outcome:
+async def delete_gpujob(namespace: str, name: str, uid: str | None = None) -> Effect:
     """Delete a GpuJob; with `uid`, only that one (a precondition: a GpuJob re-created under the same name has
     another uid, and the API server answers 409, taken here as "already gone")."""
     custom: Any = client.CustomObjectsApi(await api_client())
@@ -343,24 +345,24 @@ async def delete_gpujob(namespace: str, name: str, uid: str | None = None) -> Ou
         await custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, body=body)
     except ApiException as exc:
         if exc.status == 404 or (uid and exc.status == 409):
-            return Outcome.ABSENT
+            return Effect.ABSENT
         raise
-    return Outcome.DELETED
+    return Effect.DELETED
 
 
-async def create_event(namespace: str, body: dict[str, Any]) -> Outcome:
+async def create_event(namespace: str, body: dict[str, Any]) -> Effect:
     """Create an events.k8s.io/v1 Event (409: one of that name exists, i.e. already posted)."""
     events: Any = client.EventsV1Api(await api_client())
     try:
         await events.create_namespaced_event(namespace, body, _preload_content=False)
     except ApiException as exc:
         if exc.status == 409:
-            return Outcome.EXISTED
+            return Effect.EXISTED
         raise
-    return Outcome.CREATED
+    return Effect.CREATED
 
 
-async def patch_event(namespace: str, name: str, patch: dict[str, Any]) -> Outcome:
+async def patch_event(namespace: str, name: str, patch: dict[str, Any]) -> Effect:
     """Merge-patch an events.k8s.io/v1 Event (a series' count and last time); 404 = it expired or was deleted."""
     events: Any = client.EventsV1Api(await api_client())
     try:
@@ -369,6 +371,6 @@ async def patch_event(namespace: str, name: str, patch: dict[str, Any]) -> Outco
         )
     except ApiException as exc:
         if exc.status == 404:
-            return Outcome.ABSENT
+            return Effect.ABSENT
         raise
-    return Outcome.PATCHED
+    return Effect.PATCHED

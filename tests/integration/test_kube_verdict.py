@@ -33,7 +33,7 @@ async def test_the_api_servers_answers_get_their_verdict(api: ApiTarget) -> None
 
     custom: Any = client.CustomObjectsApi(await kube.api_client())
     try:
-        assert await kube.create_gpujob(api.namespace, gpujob("v-1")) is kube.Outcome.CREATED
+        assert await kube.create_gpujob(api.namespace, gpujob("v-1")) is kube.Effect.CREATED
         # 409: the object exists (create_gpujob reads it as "already done"; a raw create sees the conflict)
         exists = await failure(custom.create_namespaced_custom_object(GROUP, VERSION, api.namespace, "gpujobs",
                                                                       gpujob("v-1")))  # fmt: skip

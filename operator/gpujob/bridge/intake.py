@@ -517,7 +517,7 @@ class Bridge:
             self._acked.add(entry_id)
         elif cancel is None:  # the cancel landed (on any replica) while we created: apply it, then ack
             await kube.patch_gpujob(namespace, job_name(request.job_id), {"spec": {"cancel": True}})
-        return RequestOutcome.CREATED if outcome is kube.Outcome.CREATED else RequestOutcome.DUPLICATE
+        return RequestOutcome.CREATED if outcome is kube.Effect.CREATED else RequestOutcome.DUPLICATE
 
     async def _cancel(self, namespace: str, job_id: str, entry_id: str) -> RequestOutcome:
         """Cancel the jobId's GpuJob; before it exists (its submit is on another replica, retried, or late), the
@@ -525,10 +525,10 @@ class Bridge:
         by the submit after its create: whichever comes second sees the other, so no order loses the cancel."""
         patch = {"spec": {"cancel": True}}
         name = job_name(job_id)
-        if await kube.patch_gpujob(namespace, name, patch) is kube.Outcome.PATCHED:
+        if await kube.patch_gpujob(namespace, name, patch) is kube.Effect.PATCHED:
             return RequestOutcome.CANCELLED
         await self.client.set(self._memo("cancel", namespace, job_id), entry_id, ex=REMEMBER_SECONDS)
-        if await kube.patch_gpujob(namespace, name, patch) is kube.Outcome.PATCHED:
+        if await kube.patch_gpujob(namespace, name, patch) is kube.Effect.PATCHED:
             return RequestOutcome.CANCELLED
         return RequestOutcome.CANCEL_REMEMBERED
 

@@ -271,7 +271,7 @@ class EventRecorder:
         held.scheduled = False
         held.flushed = self.clock()
         patch = {"series": {"count": held.count, "lastObservedTime": micro_time(held.last_wall)}}
-        if await self.patch(held.namespace, held.name, patch) == kube.Outcome.ABSENT:
+        if await self.patch(held.namespace, held.name, patch) == kube.Effect.ABSENT:
             self._series.pop(key, None)  # expired or deleted: the next occurrence creates it anew
 
     def pending(self) -> int:

@@ -1,4 +1,4 @@
-"""One attempt of one job: parse, set up, run the task, map every way it can end to an Outcome."""
+"""One attempt of one job: parse, set up, run the task, map every way it can end to an AttemptOutcome."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ log = get_logger("gpujob.worker")
 
 
 @dataclass
-class Outcome:
+class AttemptOutcome:
     exit_code: int
     artifacts: list[Artifact] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
@@ -67,7 +67,7 @@ def out_of_memory(exc: BaseException) -> OutOfMemory:
     return OutOfMemory(f"CUDA out of memory (peak {peak:.2f} GiB allocated): {first}")
 
 
-def run_job(settings: Settings, stop: threading.Event, env: WorkerEnv | None = None) -> Outcome:
+def run_job(settings: Settings, stop: threading.Event, env: WorkerEnv | None = None) -> AttemptOutcome:
     env = env or WorkerEnv()
     ctx: TaskContext | None = None
     reporter: ProgressReporter | None = None
@@ -108,7 +108,7 @@ def run_job(settings: Settings, stop: threading.Event, env: WorkerEnv | None = N
         ctx.finish_checkpoints()  # done: a re-run of the same jobId starts afresh
         ctx.report_progress(100, "done")
         log.info("job succeeded", job_id=job_id, artifacts=len(ctx.artifacts), metrics=ctx.metrics)
-        return Outcome(ExitCode.OK, ctx.artifacts, ctx.metrics, device=devices.describe())
+        return AttemptOutcome(ExitCode.OK, ctx.artifacts, ctx.metrics, device=devices.describe())
     except WorkerError as exc:
         level = "warning" if isinstance(exc, Interrupted) else "error"
         getattr(log, level)("job ended", exit_code=exc.exit_code, error=str(exc))
@@ -129,10 +129,10 @@ def run_job(settings: Settings, stop: threading.Event, env: WorkerEnv | None = N
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _failed(ctx: TaskContext | None, devices: devices_mod.Devices | None, code: int, error: str) -> Outcome:
+def _failed(ctx: TaskContext | None, devices: devices_mod.Devices | None, code: int, error: str) -> AttemptOutcome:
     device = devices.describe() if devices is not None else None
     if ctx is None:
-        return Outcome(code, error=error, device=device)
+        return AttemptOutcome(code, error=error, device=device)
     if devices is not None:
         ctx.metrics.update(devices.metrics())
-    return Outcome(code, ctx.artifacts, ctx.metrics, error, device)
+    return AttemptOutcome(code, ctx.artifacts, ctx.metrics, error, device)
