@@ -13,7 +13,7 @@ import redis
 
 from gpujob.api.models import MAX_PARAMS_DEPTH
 from gpujob.api.naming import job_name
-from gpujob.bridge.intake import MAX_READ_BYTES, PREVIEW_BYTES
+from gpujob.bridge.reading import MAX_READ_BYTES, PREVIEW_BYTES
 from tests.support.bridge import bridge_settings, eventually, request, running_bridge
 from tests.support.kubernetes import ApiTarget
 from tests.support.operator import Cluster

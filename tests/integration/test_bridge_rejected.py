@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpujob.api.naming import job_name
-from gpujob.bridge.intake import MAX_READ_BYTES, readable_job_id
+from gpujob.bridge.reading import MAX_READ_BYTES, readable_job_id
 from tests.support.bridge import bridge_settings, eventually, request, running_bridge
 from tests.support.kubernetes import ApiTarget
 from tests.support.operator import Cluster

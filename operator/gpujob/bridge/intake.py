@@ -29,9 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
-import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,20 +39,25 @@ from redis.exceptions import RedisError, ResponseError
 from gpujob import kube
 from gpujob.api.constants import API_VERSION, KIND, Annotation, Label
 from gpujob.api.events import REJECTED
-from gpujob.api.models import DNS_LABEL_PATTERN, JOB_ID_PATTERN
 from gpujob.api.naming import job_name, label_value
 from gpujob.api.request import (
-    ENTRY_JOB,
-    MAX_ENTRY_BYTES,
     Action,
     Entry,
     InvalidEntry,
     JobRequest,
     RequestOutcome,
-    parse_entry,
+)
+from gpujob.bridge.failures import Forbidden, Transient, api_failure, reason_kind
+from gpujob.bridge.reading import (
+    MAX_READ_BYTES,
+    PREVIEW_BYTES,
+    PREVIEW_FIELDS,
+    READ_SCRIPT,
+    Read,
+    readable_job_id,
+    reads_of,
 )
 from gpujob.events import EventPublisher, async_client, make_event
-from gpujob.kube import ApiException
 from gpujob.settings import Settings
 
 log = logging.getLogger("gpujob.bridge")
@@ -64,53 +67,11 @@ TRANSIENT_RETRIES = 4  # in place, with back-off from RETRY_DELAY: ~4 s before t
 RETRY_DELAY = 0.25
 HEALTHY_AFTER = 10.0  # seconds a serving period must last for the reconnect back-off to start over
 FAILURES_TTL_SECONDS = 7 * 24 * 3600  # a failure count outlives no entry by long (entries deleted by hand)
-MAX_READ_BYTES = 2 * MAX_ENTRY_BYTES  # a whole entry (all names and values); larger ones come cut
-PREVIEW_BYTES = 1024  # what is kept of each field of an entry over MAX_READ_BYTES (at most PREVIEW_FIELDS)
-PREVIEW_FIELDS = 16
 IDLE_POLL = 0.05  # seconds between reads while the stream has nothing new
 # How long the intake remembers a jobId it created a GpuJob for (a redelivery or re-send of its request after
 # the GpuJob is gone is not run again) and a cancel that came before its submit: longer than any entry stays
 # pending or a backend retries a send.
 REMEMBER_SECONDS = 7 * 24 * 3600
-Fields = dict[bytes, bytes]
-
-# Reads entries for this consumer, one XREADGROUP (COUNT 1) at a time so Redis holds one entry in Lua at once,
-# and replies {id, size, fields}: size -1 for an entry trimmed while pending, fields cut when over the limit.
-# ARGV: mode (new|own|claim), group, consumer, count, start ('>', an id, or the claim cursor), max bytes,
-# preview bytes, preview fields, min idle ms (claim). claim replies {next cursor, entries, ids deleted from
-# the pending list (Redis 7)}; it claims ids only (JUSTID) and reads each entry by itself.
-READ_SCRIPT = """
-local mode, group, consumer = ARGV[1], ARGV[2], ARGV[3]
-local count, start = tonumber(ARGV[4]), ARGV[5]
-local max_bytes, preview, preview_fields = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-local out = {}
-local function add(id, fields)
-  if not fields then out[#out + 1] = {id, -1, {}} return end
-  local size = 0
-  for i = 1, #fields do size = size + #fields[i] end
-  if size <= max_bytes then out[#out + 1] = {id, size, fields} return end
-  local cut = {}
-  for i = 1, math.min(#fields, 2 * preview_fields) do cut[i] = string.sub(fields[i], 1, preview) end
-  out[#out + 1] = {id, size, cut}
-end
-if mode == "claim" then
-  local claimed = redis.call("XAUTOCLAIM", KEYS[1], group, consumer, ARGV[9], start, "COUNT", count, "JUSTID")
-  for _, id in ipairs(claimed[2]) do
-    local found = redis.call("XRANGE", KEYS[1], id, id)
-    add(id, found[1] and found[1][2] or false)
-  end
-  return {claimed[1], out, claimed[3] or {}}
-end
-for _ = 1, count do
-  local reply = redis.call("XREADGROUP", "GROUP", group, consumer, "COUNT", 1, "STREAMS", KEYS[1], start)
-  local entry = reply and reply[1][2][1]
-  if not entry then break end
-  add(entry[1], entry[2])
-  if start ~= ">" then start = entry[1] end
-end
-return out
-"""
-
 
 # After a create: record the jobId as seen and, unless a cancel for it is waiting (the submit must apply it
 # first), acknowledge the entry, in one round trip. KEYS: seen, cancel, stream, failures; ARGV: entry id,
@@ -124,40 +85,6 @@ return 0
 """
 
 
-@dataclass(frozen=True)
-class Read:
-    """One entry as read: its fields as bytes (cut to a preview when `size` is over MAX_READ_BYTES)."""
-
-    entry_id: str
-    fields: Fields
-    size: int  # bytes of all names and values; -1: trimmed or deleted while pending (nothing left of it)
-
-    @property
-    def gone(self) -> bool:
-        return self.size < 0
-
-    @property
-    def cut(self) -> bool:
-        return self.size > MAX_READ_BYTES
-
-    def parsed(self) -> Entry | InvalidEntry:
-        if self.cut:
-            return InvalidEntry(f"entry is {self.size} bytes, over the {MAX_READ_BYTES} limit (its fields are cut "
-                                f"to {PREVIEW_BYTES} bytes in this dead letter)")  # fmt: skip
-        try:
-            return parse_entry(self.fields)
-        except InvalidEntry as exc:
-            return exc
-
-
-def _reads(rows: list[Any]) -> list[Read]:
-    reads = []
-    for entry_id, size, flat in rows:
-        ident = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-        reads.append(Read(ident, dict(zip(flat[::2], flat[1::2], strict=True)), int(size)))
-    return reads
-
-
 @dataclass
 class BridgeStats:
     """Read by the metrics collector at scrape time (no I/O there); lag/pending are refreshed by the bridge."""
@@ -168,10 +95,6 @@ class BridgeStats:
     requests_total: Counter[str] = field(default_factory=Counter)  # by RequestOutcome
     transient_errors_total: int = 0  # API calls that failed transiently (each retry counts)
     redis_up: bool | None = None  # the last Redis call worked (gpujob_bridge_redis_up); None before the first
-
-
-class Transient(Exception):
-    """Try again later (the entry stays pending)."""
 
 
 def gpujob_body(request: JobRequest, entry_id: str, *, cancelled: bool = False) -> dict[str, Any]:
@@ -290,7 +213,7 @@ class Bridge:
     async def _read(self, mode: str, start: str, min_idle_ms: int = 0) -> list[Read]:
         rows = await self._script(keys=[self.stream], args=self._script_args(mode, start, min_idle_ms))
         self.stats.redis_up = True
-        return _reads(rows)
+        return reads_of(rows)
 
     def _script_args(self, mode: str, start: str, min_idle_ms: int) -> list[Any]:
         return [mode, self.group, self.consumer, self.settings.read_batch, start, MAX_READ_BYTES, PREVIEW_BYTES,
@@ -332,7 +255,7 @@ class Bridge:
             args = self._script_args("claim", cursor, self.settings.claim_idle_ms)
             raw_cursor, rows, _deleted = await self._script(keys=[self.stream], args=args)  # (Redis 7 drops those)
             cursor = raw_cursor.decode() if isinstance(raw_cursor, bytes) else str(raw_cursor)
-            reads = _reads(rows)
+            reads = reads_of(rows)
             await self._drop_gone([r.entry_id for r in reads if r.gone])
             if entries := [r for r in reads if not r.gone]:
                 log.info("claimed %d abandoned request(s)", len(entries))
@@ -496,7 +419,7 @@ class Bridge:
         except (RedisError, InvalidEntry):
             raise
         except Exception as exc:
-            raise _api_failure(exc, entry.job_id) from None
+            raise api_failure(exc, entry.job_id) from None
 
     async def _submit(self, namespace: str, request: JobRequest, entry_id: str) -> RequestOutcome:
         """Create the GpuJob, once per jobId for REMEMBER_SECONDS (also after the GpuJob is gone: a TTL-deleted
@@ -546,7 +469,7 @@ class Bridge:
         pipe.hdel(self.failures_key, read.entry_id)
         await pipe.execute()
         log.warning("request %s dead-lettered: %s", read.entry_id, reason)
-        self.stats.dead_lettered_total[_reason_kind(reason)] += 1
+        self.stats.dead_lettered_total[reason_kind(reason)] += 1
         self.stats.requests_total[RequestOutcome.DEAD_LETTERED] += 1
         return RequestOutcome.DEAD_LETTERED
 
@@ -572,68 +495,8 @@ class Bridge:
             log.exception("rejected event for %r not published", job_id)
 
 
-class Forbidden(Exception):
-    """A 403 on the request's GpuJob: retried in place a few times, then the request is rejected."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-def readable_job_id(fields: Fields) -> tuple[str, str | None] | None:
-    """The jobId (and namespace, when valid) of an entry's `job` field, or None; total: never raises, whatever the
-    bytes. The field is decoded leniently (a bad byte elsewhere in it does not hide the jobId); only a string
-    matching JOB_ID_PATTERN counts. An entry cut for its size has no readable jobId (its JSON is cut)."""
-    try:
-        raw = fields.get(ENTRY_JOB.encode())
-        if not isinstance(raw, bytes) or len(raw) > MAX_ENTRY_BYTES:
-            return None
-        data = json.loads(raw.decode("utf-8", errors="replace"))
-        if not isinstance(data, dict):
-            return None
-        job_id, namespace = data.get("jobId"), data.get("namespace")
-        if not isinstance(job_id, str) or len(job_id) > 128 or not re.fullmatch(JOB_ID_PATTERN, job_id):
-            return None
-        valid_namespace = isinstance(namespace, str) and re.fullmatch(DNS_LABEL_PATTERN, namespace) is not None
-        return job_id, namespace if valid_namespace else None
-    except Exception:  # RecursionError (nested too deep), anything else: no readable jobId
-        return None
-
-
-def _api_failure(exc: Exception, job_id: str) -> Exception:
-    """What a failed API call means for the request (kube.verdict decides; the reason quotes the API server)."""
-    if isinstance(exc, InvalidEntry):
-        return exc
-    match kube.verdict(exc):
-        case kube.Verdict.TRANSIENT | kube.Verdict.CONFLICT:
-            return Transient(f"API server answered {_status(exc)} for {job_id!r}")
-        case kube.Verdict.FORBIDDEN:
-            return Forbidden(f"rejected by the API server (403): {kube.message_of(exc)}")
-        case kube.Verdict.NOT_FOUND | kube.Verdict.REJECTED:
-            return InvalidEntry(f"rejected by the API server ({_status(exc)}): {kube.message_of(exc)}")
-        case None:  # not an API answer: the request could not even be sent (a body that does not serialize)
-            if isinstance(exc, ValueError | TypeError | RecursionError):
-                return InvalidEntry(f"request cannot be sent to the API server: {exc!r}"[:500])
-            return exc
-    raise AssertionError("unreachable")
-
-
-def _status(exc: Exception) -> str:
-    return str(exc.status) if isinstance(exc, ApiException) else repr(exc)
-
-
 def _text(value: Any) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-
-
-def _reason_kind(reason: str) -> str:
-    """A bounded label for metrics: the reason's first words, not its details."""
-    for kind in ("handling failed", "invalid request", "rejected by the API server", "missing field", "not JSON",
-                 "not valid UTF-8", "unknown action", "must be a JSON object", "over the",
-                 "nests JSON too deep", "cannot be sent", "unreadable"):  # fmt: skip
-        if kind in reason:
-            return kind.replace(" ", "_")
-    return "other"
 
 
 def intake_client(settings: Settings) -> Any:
