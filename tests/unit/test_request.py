@@ -67,11 +67,22 @@ def test_every_spec_field_is_accepted_and_passed_through() -> None:
         assert spec[key] == value or (isinstance(value, dict) and value.items() <= spec[key].items()), key
 
 
-def test_namespace_and_priority_are_not_spec_fields() -> None:
+def test_namespace_is_not_a_spec_field_and_a_string_priority_is_the_old_priority_class_name() -> None:
+    """`priority` was a PriorityClass name; it is now the integer order in the job's queue (spec.priority). A
+    string is still read the old way (deprecated), so a backend not yet updated keeps working."""
     request = JobRequest.model_validate({"jobId": "p", "type": "custom", "namespace": "team-a", "priority": "high"})
     wire = request.to_spec().wire()
-    assert "namespace" not in wire and "priority" not in wire
+    assert "namespace" not in wire and wire["priority"] == 0
     assert wire["priorityClassName"] == "high"
+
+
+def test_an_integer_priority_and_the_queue_are_spec_fields() -> None:
+    request = JobRequest.model_validate(
+        {"jobId": "p", "type": "custom", "queue": "team-a", "priority": 7, "priorityClassName": "batch"}
+    )
+    spec = request.to_spec()
+    assert (spec.queue, spec.priority, spec.priority_class_name) == ("team-a", 7, "batch")
+    assert JobRequest.model_validate({"jobId": "p", "type": "custom"}).to_spec().priority == 0
 
 
 def test_explicit_priority_class_name_wins_over_priority() -> None:
@@ -91,6 +102,8 @@ def test_explicit_priority_class_name_wins_over_priority() -> None:
         ({"jobId": "has space", "type": "custom"}, "jobId"),
         ({"jobId": "x", "type": "custom", "namespace": "Not_A_Namespace"}, "namespace"),
         ({"jobId": "x", "type": "custom", "priority": "UPPER"}, "priority"),
+        ({"jobId": "x", "type": "custom", "priority": 2**31}, "priority"),
+        ({"jobId": "x", "type": "custom", "queue": "Not_A_Queue"}, "queue"),
         ({"jobId": "x", "type": "custom", "gpus": 65}, "gpus"),
         ({"jobId": "x", "type": "custom", "resources": {"limits": {"nvidia.com/gpu": 1}}}, "spec.gpus"),
         ({"jobId": "x", "type": "custom", "retries": {"limit": 1, "extra": 1}}, "retries.extra"),

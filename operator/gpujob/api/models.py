@@ -27,6 +27,9 @@ JOB_ID_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._:-]{0,126}[A-Za-z0-9])?$"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+# spec.priority: an int32 of the same range as a PriorityClass's value (a queue's order, not the Pod's priority).
+PRIORITY_MIN = -(2**31)
+PRIORITY_MAX = 2**31 - 1
 QUANTITY_PATTERN = (
     r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 )
@@ -140,6 +143,12 @@ class GpuJobSpec(WireModel):
     gpu_product: str | None = Field(None, min_length=1, max_length=63)
     resources: Resources = Field(default_factory=Resources)
     priority_class_name: str | None = Field(None, max_length=253)
+    queue: str | None = Field(
+        None, max_length=63, pattern=DNS_LABEL_PATTERN, description="GpuQueue whose quota admits the job."
+    )
+    priority: int = Field(
+        0, ge=PRIORITY_MIN, le=PRIORITY_MAX, description="Order in its queue: higher first (then arrival)."
+    )
     node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(default_factory=dict, max_length=32)
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
     timeout_seconds: int | None = Field(None, ge=1, description="activeDeadlineSeconds of each attempt.")

@@ -14,7 +14,14 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
 
 from gpujob.api.constants import JobType
-from gpujob.api.models import DNS_LABEL_PATTERN, JOB_ID_PATTERN, GpuJobSpec, WireModel
+from gpujob.api.models import (
+    DNS_LABEL_PATTERN,
+    JOB_ID_PATTERN,
+    PRIORITY_MAX,
+    PRIORITY_MIN,
+    GpuJobSpec,
+    WireModel,
+)
 from gpujob.api.params import PARAMS_MODELS, params_error
 
 ENTRY_JOB = "job"
@@ -32,6 +39,12 @@ class RequestOutcome(StrEnum):
     DEAD_LETTERED = "dead_lettered"  # moved to the dead-letter stream with the reason
 
 
+# A request's `priority`: the integer of spec.priority, or (deprecated) a PriorityClass name.
+RequestPriority = (
+    Annotated[int, Field(ge=PRIORITY_MIN, le=PRIORITY_MAX)] | Annotated[str, Field(pattern=DNS_LABEL_PATTERN)]
+)
+
+
 class Action(StrEnum):
     SUBMIT = "submit"
     CANCEL = "cancel"
@@ -42,14 +55,21 @@ class JobRequest(GpuJobSpec):
 
     job_id: str = Field(pattern=JOB_ID_PATTERN, max_length=128, description="The backend's id; idempotency key.")
     namespace: str | None = Field(None, pattern=DNS_LABEL_PATTERN, description="Default: GPUJOB_NAMESPACE.")
-    priority: str | None = Field(
-        None, pattern=DNS_LABEL_PATTERN, description="PriorityClass name (same as priorityClassName)."
+    # A JSON integer is spec.priority (the order in the job's queue). A string is the request's old meaning, a
+    # PriorityClass name (deprecated: send priorityClassName); it fills priorityClassName when that is absent.
+    priority: RequestPriority = Field(  # type: ignore[assignment]
+        0,
+        description="Order in the job's queue, higher first (an integer, default 0). Deprecated: a string is a "
+        "PriorityClass name, as priorityClassName (which wins when both are given).",
     )
 
     def to_spec(self) -> GpuJobSpec:
         data = self.model_dump(by_alias=True, exclude_none=True, exclude={"namespace", "priority"})
-        if self.priority and not self.priority_class_name:
-            data["priorityClassName"] = self.priority
+        if isinstance(self.priority, str):
+            if not self.priority_class_name:
+                data["priorityClassName"] = self.priority
+        else:
+            data["priority"] = self.priority
         return GpuJobSpec.model_validate(data)
 
 
