@@ -96,6 +96,7 @@ class ConditionType(StrEnum):
     SUSPENDED = "Suspended"
     COMPLETE = "Complete"
     FAILED = "Failed"
+    ADMITTED = "Admitted"  # the job's queue admitted it (only for a job with spec.queue while GpuQueues exist)
 
 
 class Reason(StrEnum):
@@ -127,6 +128,11 @@ class Reason(StrEnum):
     INVALID_PARAMS = "InvalidParams"  # spec.params do not fit the built-in type's params model (gpujob.api.params)
     OUT_OF_MEMORY = "OutOfMemory"  # the worker ran out of GPU memory (exit code ExitCode.OUT_OF_MEMORY)
     GPU_UNAVAILABLE = "GpuUnavailable"  # GPUs were requested but CUDA is not usable in the Pod
+    # Queues (docs/queues.md): why a job that names a queue has no Pod yet (phase Queued), and its admission.
+    QUOTA_EXCEEDED = "QuotaExceeded"
+    QUEUE_NOT_FOUND = "QueueNotFound"
+    NAMESPACE_NOT_ALLOWED = "NamespaceNotAllowed"
+    ADMITTED = "Admitted"
 
 
 # Reasons of status.reason/conditions the operator never sets (kept for other vocabularies, e.g. metrics labels).

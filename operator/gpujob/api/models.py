@@ -214,6 +214,19 @@ class Artifact(WireModel):
     sha256: str = Field(pattern=r"^[a-f0-9]{64}$")
 
 
+class Admission(WireModel):
+    """The queue's admission of the job: written (by the queue manager) before the job's Pod is created, so the
+    queues' usage can be rebuilt from the statuses alone."""
+
+    queue: str = Field(max_length=63, pattern=DNS_LABEL_PATTERN)
+    admitted_at: str
+    resources: dict[str, Quantity | int] = Field(default_factory=dict, max_length=16)
+
+
+class QueuePosition(WireModel):
+    position: int = Field(0, ge=0, description="1-based place in its queue while it waits (0: in no queue).")
+
+
 class GpuJobStatus(WireModel):
     """What the operator writes; unknown keys are tolerated (kopf keeps its own bookkeeping here)."""
 
@@ -235,3 +248,5 @@ class GpuJobStatus(WireModel):
     observed_generation: int | None = None
     artifacts: list[Artifact] = Field(default_factory=list)
     metrics: dict[str, float] = Field(default_factory=dict)
+    admission: Admission | None = None
+    queue: QueuePosition | None = None

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from gpujob.api.constants import ConditionType, Phase, PodPhase, Reason
-from gpujob.api.models import GpuJobSpec, GpuJobStatus, Progress
+from gpujob.api.models import GpuJobSpec, GpuJobStatus, Progress, QueuePosition
 from gpujob.api.params import params_error
 from gpujob.operator import policy
 from gpujob.operator.conventions import iso, parse_time, set_condition, truncate
@@ -37,6 +37,23 @@ class Transition:
     attempt: int
 
 
+@dataclass(frozen=True)
+class QueueGate:
+    """The queue manager's word on a job that names a queue, while GpuQueues exist (with none at all, or for a job
+    without spec.queue, there is no gate: the job is admitted at once, as before queues). `reason` is the last
+    plan's Waiting reason (QuotaExceeded, QueueNotFound, NamespaceNotAllowed); None before the first plan."""
+
+    reason: str | None = None
+    position: int = 0
+    message: str = ""
+
+
+# The queue's Waiting reasons, as status reasons (admission.Waiting spells the same values).
+_WAITING: dict[str, Reason] = {
+    r.value: r for r in (Reason.QUOTA_EXCEEDED, Reason.QUEUE_NOT_FOUND, Reason.NAMESPACE_NOT_ALLOWED)
+}
+
+
 @dataclass
 class Decision:
     status: GpuJobStatus
@@ -56,6 +73,7 @@ class _Builder:
     now: datetime
     generation: int | None
     transitions: list[Transition] = field(default_factory=list)
+    gate: QueueGate | None = None
 
     def cond(self, ctype: ConditionType, on: bool, reason: str, message: str = "") -> None:
         self.status.conditions = set_condition(
@@ -82,12 +100,19 @@ def _finish(b: _Builder, phase: Phase, reason: str, message: str) -> None:
         b.cond(ConditionType.FAILED, True, reason, message)
 
 
-def _start_attempt(b: _Builder, d: Decision, spec: GpuJobSpec, reason: str, message: str, pods: list[PodView]) -> bool:
+def _start_attempt(
+    b: _Builder,
+    d: Decision,
+    spec: GpuJobSpec,
+    reason: str,
+    message: str,
+    pods: list[PodView],
+) -> bool:
     """Start the next attempt, unless a Pod of this job is still alive (even while terminating): never two
     Pods of one job at once. Alive Pods are deleted; their deletion events bring us back here. A Pod on a lost
     node (taken by the taint manager) is not waited for: its node, and with it the Pod's process, is gone.
     A spec the worker cannot be given (params too large for its env) fails the job instead: its Pod could
-    never start."""
+    never start. A job its queue has not admitted waits Queued (the queue manager's admission brings it back)."""
     alive = [p for p in pods if p.phase in ALIVE_POD_PHASES and not p.lost]
     if alive:
         d.delete_pods += [p.name for p in alive if not p.deleting and p.name not in d.delete_pods]
@@ -100,6 +125,12 @@ def _start_attempt(b: _Builder, d: Decision, spec: GpuJobSpec, reason: str, mess
         _finish(b, Phase.FAILED, Reason.INVALID_PARAMS, f"invalid params for {spec.type.value}: {invalid}")
         _ttl(spec, b.status, b.now, d)
         return False
+    if b.gate is not None and spec.queue and b.status.admission is None:
+        _wait_for_admission(b, spec.queue, b.gate)
+        return False
+    if spec.queue and b.status.admission is not None:
+        b.status.queue = None
+        b.cond(ConditionType.ADMITTED, True, Reason.ADMITTED, f"admitted by queue {b.status.admission.queue!r}")
     b.status.attempts += 1
     b.status.pod_name = None
     b.status.node_name = None
@@ -109,6 +140,20 @@ def _start_attempt(b: _Builder, d: Decision, spec: GpuJobSpec, reason: str, mess
     b.phase(Phase.SCHEDULED, reason, message)
     b.cond(ConditionType.SCHEDULED, False, Reason.POD_CREATED, f"attempt {b.status.attempts}: Pod created")
     return True
+
+
+def _wait_for_admission(b: _Builder, queue: str, gate: QueueGate) -> None:
+    """No Pod: phase Queued with the queue's reason and the job's position (Created until the first plan)."""
+    b.status.next_attempt_time = None
+    b.status.pod_name = None
+    reason = _WAITING.get(gate.reason or "")
+    if reason is None:
+        b.phase(Phase.QUEUED, Reason.CREATED, f"waiting for admission by queue {queue!r}")
+        return
+    message = gate.message or f"waiting for admission by queue {queue!r}"
+    b.phase(Phase.QUEUED, reason, message)
+    b.cond(ConditionType.ADMITTED, False, reason, message)
+    b.status.queue = QueuePosition(position=gate.position)
 
 
 def _attempt_failed(b: _Builder, d: Decision, spec: GpuJobSpec, pod: PodView, reason: str, msg: str) -> None:
@@ -140,12 +185,20 @@ def _attempt_failed(b: _Builder, d: Decision, spec: GpuJobSpec, pod: PodView, re
         d.requeue_after = (due - b.now).total_seconds()
 
 
-def decide(body: dict[str, Any], pods: list[PodView], now: datetime, *, spec: GpuJobSpec | None = None) -> Decision:
-    """The next status of a GpuJob and what to do to get there. `pods` are this job's Pods (any attempt)."""
+def decide(
+    body: dict[str, Any],
+    pods: list[PodView],
+    now: datetime,
+    *,
+    spec: GpuJobSpec | None = None,
+    gate: QueueGate | None = None,
+) -> Decision:
+    """The next status of a GpuJob and what to do to get there. `pods` are this job's Pods (any attempt).
+    `gate`: the queue's word while queues are in use (None: admitted at once, as a job without spec.queue)."""
     meta = body.get("metadata") or {}
     generation = meta.get("generation")
     current = GpuJobStatus.model_validate(body.get("status") or {})
-    b = _Builder(current.model_copy(deep=True), now, generation)
+    b = _Builder(current.model_copy(deep=True), now, generation, gate=gate)
     b.status.observed_generation = generation
     d = Decision(status=b.status, previous=current)
 
@@ -185,6 +238,9 @@ def decide(body: dict[str, Any], pods: list[PodView], now: datetime, *, spec: Gp
         d.delete_pods = [p.name for p in pods if p.active]
         b.status.next_attempt_time = None
         b.phase(Phase.SUSPENDED, Reason.SUSPENDED, "spec.suspend is true")
+        if spec.queue and b.status.admission is not None:  # a suspended job holds no quota: admitted again later
+            b.status.admission = None
+            b.cond(ConditionType.ADMITTED, False, Reason.SUSPENDED, "suspended: the queue's quota is released")
         b.cond(ConditionType.SUSPENDED, True, Reason.SUSPENDED, "spec.suspend is true")
         b.cond(ConditionType.RUNNING, False, Reason.SUSPENDED, "suspended")
     elif adopted and pod is not None:

@@ -1,0 +1,92 @@
+"""decide() and queues (docs/queues.md): a job that names a queue gets its Pod only once admitted
+(status.admission); without a gate (no GpuQueue at all, or no spec.queue) nothing changes."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from gpujob.api.constants import ConditionType, Phase, Reason
+from gpujob.operator.conventions import iso
+from gpujob.operator.status import Decision, QueueGate, decide
+from tests.unit.test_status import T0, cond, job, pod
+
+ADMISSION = {"queue": "team-a", "admittedAt": iso(T0), "resources": {"nvidia.com/gpu": 1}}
+FULL = QueueGate("QuotaExceeded", 2, "position 2 in queue 'team-a'")
+
+
+def step(body: dict[str, Any], pods: list[Any], gate: QueueGate | None, now: Any = T0) -> Decision:
+    d = decide(body, pods, now, gate=gate)
+    body["status"] = d.status.wire()
+    return d
+
+
+def test_a_job_its_queue_has_not_admitted_waits_queued_with_the_reason_and_position() -> None:
+    body = job({"queue": "team-a"})
+    d = step(body, [], FULL)
+    assert d.create_attempt is None and d.delete_pods == []
+    assert d.status.phase is Phase.QUEUED and d.status.reason == Reason.QUOTA_EXCEEDED
+    assert d.status.message == "position 2 in queue 'team-a'"
+    assert cond(d, ConditionType.ADMITTED) == ("False", Reason.QUOTA_EXCEEDED)
+    assert d.status.queue is not None and d.status.queue.position == 2
+    assert d.status.attempts == 0
+    assert body["status"]["queue"] == {"position": 2}
+
+
+def test_the_position_follows_the_gate_and_a_missing_queue_says_so() -> None:
+    body = job({"queue": "nope"})
+    step(body, [], FULL)
+    d = step(body, [], QueueGate("QueueNotFound", 0, "GpuQueue 'nope' does not exist"))
+    assert d.status.reason == Reason.QUEUE_NOT_FOUND and cond(d, ConditionType.ADMITTED)[1] == Reason.QUEUE_NOT_FOUND
+    assert d.status.queue is not None and d.status.queue.position == 0
+    d = step(body, [], QueueGate("NamespaceNotAllowed", 0, "no"))
+    assert d.status.reason == Reason.NAMESPACE_NOT_ALLOWED and d.create_attempt is None
+
+
+def test_before_the_first_plan_the_job_waits_as_created() -> None:
+    d = step(job({"queue": "team-a"}), [], QueueGate())
+    assert d.create_attempt is None and d.status.phase is Phase.QUEUED and d.status.reason == Reason.CREATED
+    assert not [c for c in d.status.conditions if c.type == ConditionType.ADMITTED]
+
+
+def test_once_admitted_the_pod_is_created_and_the_condition_turns_true() -> None:
+    body = job({"queue": "team-a"})
+    step(body, [], FULL)
+    body["status"]["admission"] = ADMISSION
+    d = step(body, [], FULL, T0 + timedelta(seconds=5))  # a stale plan: the admission in the status wins
+    assert d.create_attempt == 1 and d.status.phase is Phase.SCHEDULED
+    assert cond(d, ConditionType.ADMITTED) == ("True", Reason.ADMITTED)
+    assert d.status.queue is None and "queue" not in body["status"]
+    assert [t.new for t in d.transitions] == [Phase.SCHEDULED]
+
+
+def test_no_gate_or_no_queue_means_admitted_at_once_as_before() -> None:
+    for body, gate in ((job({"queue": "team-a"}), None), (job(), FULL)):
+        d = step(body, [], gate)
+        assert d.create_attempt == 1 and d.status.phase is Phase.SCHEDULED
+        assert not [c for c in d.status.conditions if c.type == ConditionType.ADMITTED]
+        assert d.status.admission is None and d.status.queue is None
+
+
+def test_an_admitted_job_keeps_its_admission_through_retries() -> None:
+    body = job({"queue": "team-a", "retries": {"limit": 1, "backoffSeconds": 1}})
+    body["status"] = {"admission": ADMISSION}
+    step(body, [], FULL)
+    d = step(body, [pod(1, "Failed", exit_code=1)], FULL)
+    assert d.status.phase is Phase.RETRYING and d.status.admission is not None
+    d = step(body, [pod(1, "Failed", exit_code=1, deleting=True)], FULL, T0 + timedelta(seconds=2))
+    d = step(body, [], FULL, T0 + timedelta(seconds=2))
+    assert d.create_attempt == 2
+
+
+def test_suspending_releases_the_admission() -> None:
+    body = job({"queue": "team-a"})
+    body["status"] = {"admission": ADMISSION}
+    step(body, [], FULL)
+    body["spec"]["suspend"] = True
+    d = step(body, [pod(1, "Running")], FULL)
+    assert d.status.phase is Phase.SUSPENDED and d.status.admission is None and "admission" not in body["status"]
+    assert cond(d, ConditionType.ADMITTED) == ("False", Reason.SUSPENDED)
+    body["spec"]["suspend"] = False
+    d = step(body, [], FULL)
+    assert d.create_attempt is None and d.status.phase is Phase.QUEUED and d.status.reason == Reason.QUOTA_EXCEEDED
