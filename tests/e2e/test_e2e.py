@@ -137,3 +137,26 @@ def test_job_needing_more_gpus_than_the_node_fails_unschedulable(stack: LocalSta
     status = wait_phase(stack, "e2e-too-big", "Failed", timeout=60)
     assert status["reason"] == "Unschedulable", status
     assert "Insufficient nvidia.com/gpu" in status["message"]
+
+
+def test_kubectl_logs_and_logs_follow_of_a_job_pod(stack: LocalStack) -> None:
+    """`kubectl logs` (the real binary) of a job Pod: on the emulator from the kubelet's file, on the real control
+    plane through kube-apiserver to the node agent `gpujob sandbox --api kubernetes` started."""
+    script = "for i in 1 2 3 4 5 6; do echo job-line-$i; sleep 0.5; done; echo done >&2"
+    stack.submit({"jobId": "e2e-logs", "type": "custom", "gpus": 1, "command": ["sh", "-c", script]})
+
+    def running_pod() -> str | None:
+        pods = stack.pods("e2e-logs")
+        running = pods and (pods[0].get("status") or {}).get("phase") == "Running"
+        return str(pods[0]["metadata"]["name"]) if running else None
+
+    name = wait_for(running_pod, 120, 0.1, "the job's Pod to run")
+    follow = stack.kubectl("logs", "-f", name, timeout=120)
+    assert follow.returncode == 0, follow.stderr
+    expected = "".join(f"job-line-{i}\n" for i in range(1, 7)) + "done\n"
+    assert follow.stdout == expected
+    wait_phase(stack, "e2e-logs", "Succeeded", timeout=120)
+    logs = stack.kubectl("logs", name)
+    assert logs.returncode == 0 and logs.stdout == expected, logs.stderr
+    tail = stack.kubectl("logs", name, "--tail=1")
+    assert tail.returncode == 0 and tail.stdout == "done\n", tail.stderr

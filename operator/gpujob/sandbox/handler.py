@@ -10,13 +10,14 @@ import asyncio
 import base64
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import kmock
 import yaml
 from aiohttp import web
 
-from gpujob.sandbox import errors, protobuf, selectors, tables
+from gpujob.sandbox import errors, podlogs, protobuf, selectors, tables
 from gpujob.sandbox.faults import Faults, RequestKey, RequestLog
 from gpujob.sandbox.objects import PATCH_TYPES, ObjectApi, now
 from gpujob.sandbox.openapi import OpenApi
@@ -170,7 +171,7 @@ class SandboxHandler(kmock.KubernetesScaffold):
             return await serve_watch(self, raw, res, namespace, name)
         if verb == "get":
             if sub == "log":
-                raise errors.not_found(res, name or "")
+                return await self._pod_log(raw, res, namespace, name or "")
             obj = self.api.get(res, namespace, name or "")
             if tables.wants_table(raw.headers.get("Accept", "")):
                 return json_response(tables.table(res, [obj], str(self.store.rv), query.get("includeObject", "")))
@@ -312,6 +313,33 @@ class SandboxHandler(kmock.KubernetesScaffold):
                 "items": deleted,
             }
         )
+
+    async def _pod_log(self, raw: web.BaseRequest, res: Resource, namespace: str, name: str) -> web.StreamResponse:
+        """`kubectl logs [-f]`: the file the sandbox kubelet of the Pod's Node writes (its pods dir is on the Node)."""
+        pod = self.api.get(res, namespace, name)
+        node_name = (pod.get("spec") or {}).get("nodeName")
+        if not node_name:  # not scheduled: kube-apiserver answers an empty log
+            return web.Response(text="")
+        node = self.store.get(("", "nodes"), "", node_name) or {}
+        pods_dir = ((node.get("metadata") or {}).get("annotations") or {}).get(podlogs.PODS_DIR_ANNOTATION)
+        if not pods_dir:
+            raise errors.bad_request(f"node {node_name} has no sandbox kubelet that keeps its Pods' logs")
+        uid = pod["metadata"].get("uid")
+        try:
+            container, path = podlogs.container_log(pod, raw.query.get("container"), Path(pods_dir))
+            options = podlogs.LogOptions.from_query(raw.query, container, name)
+        except podlogs.LogUnavailable as exc:
+            raise errors.bad_request(str(exc)) from None
+
+        def ended() -> bool:
+            current = self.store.get(res.store_key, namespace, name)
+            if current is None or current["metadata"].get("uid") != uid:
+                return True
+            status = current.get("status") or {}
+            states = [s.get("state") or {} for s in status.get("containerStatuses") or [] if s.get("name") == container]
+            return status.get("phase") in {"Succeeded", "Failed"} or any("terminated" in s for s in states)
+
+        return await podlogs.stream(raw, path, options, ended)
 
     def _pod_action(self, res: Resource, namespace: str, name: str, sub: str | None, body: Any) -> Json:
         if sub == "eviction":

@@ -26,6 +26,7 @@ from typing import Any, Self
 
 from gpujob.sandbox.kubeclient import ApiError, KubeClient
 from gpujob.sandbox.nodeagent import Heartbeat, LogServer
+from gpujob.sandbox.podlogs import PODS_DIR_ANNOTATION
 from gpujob.sandbox.podrunner import NodeInfo, PodRunner, now_iso
 from gpujob.sandbox.podspec import fits, gpu_request
 
@@ -172,7 +173,12 @@ class Kubelet:
         return {
             "apiVersion": "v1",
             "kind": "Node",
-            "metadata": {"name": self.config.node_name, "labels": self.node_labels()},
+            "metadata": {
+                "name": self.config.node_name,
+                "labels": self.node_labels(),
+                # The API emulator serves `kubectl logs` from this directory (a real apiserver asks our LogServer).
+                "annotations": {PODS_DIR_ANNOTATION: str(self.node.pods_dir)},
+            },
             "spec": spec,
             "status": {
                 "daemonEndpoints": {"kubeletEndpoint": {"Port": port}},

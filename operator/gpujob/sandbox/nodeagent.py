@@ -19,11 +19,11 @@ from typing import Any
 
 from aiohttp import web
 
+from gpujob.sandbox import podlogs
 from gpujob.sandbox.kubeclient import MERGE, ApiError, KubeClient
 
 log = logging.getLogger("gpujob.sandbox.kubelet")
 LEASE_SECONDS = 40
-FOLLOW_POLL_SECONDS = 0.2
 
 
 def micro_time() -> str:
@@ -109,37 +109,18 @@ class LogServer:
             self._runner = None
 
     def _log_path(self, namespace: str, pod: str) -> Path | None:
-        candidates = list(self.pods_dir.glob(f"{namespace}_{pod}_*/container.log"))
+        candidates = list(self.pods_dir.glob(f"{namespace}_{pod}_*/{podlogs.LOG_FILE}"))
         return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 
     async def _logs(self, request: web.Request) -> web.StreamResponse:
-        namespace, pod = request.match_info["namespace"], request.match_info["pod"]
-        path = self._log_path(namespace, pod)
-        if path is None:
-            raise web.HTTPNotFound(text=f"no logs for pod {namespace}/{pod} on this node")
-        follow = request.query.get("follow") in ("true", "1")
-        tail = request.query.get("tailLines")
-        limit = request.query.get("limitBytes")
-        data = path.read_bytes()
-        if tail is not None:
-            lines = data.splitlines(keepends=True)
-            data = b"".join(lines[-int(tail) :]) if int(tail) > 0 else b""
-        if limit is not None:
-            data = data[: int(limit)]
-        response = web.StreamResponse(headers={"Content-Type": "text/plain"})
-        await response.prepare(request)
-        await response.write(data)
-        if follow:
-            offset = path.stat().st_size
-            with path.open("rb") as handle:
-                handle.seek(offset)
-                while True:
-                    chunk = handle.read()
-                    if chunk:
-                        await response.write(chunk)
-                    elif not self._running(namespace, pod):
-                        break
-                    else:
-                        await asyncio.sleep(FOLLOW_POLL_SECONDS)
-        await response.write_eof()
-        return response
+        namespace, pod, container = (request.match_info[k] for k in ("namespace", "pod", "container"))
+        try:
+            options = podlogs.LogOptions.from_query(request.query, container, pod)
+            path = self._log_path(namespace, pod)
+            if path is None:
+                raise podlogs.LogUnavailable(
+                    f'container "{container}" in pod "{pod}" is waiting to start: ContainerCreating'
+                )
+        except podlogs.LogUnavailable as exc:
+            raise web.HTTPBadRequest(text=str(exc)) from None
+        return await podlogs.stream(request, path, options, lambda: not self._running(namespace, pod))
