@@ -75,6 +75,8 @@ class S3Server:
         admin, admin_grpc = _admin_ports()
         argv = [weed_binary(), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
         argv += [f"-s3.port={self.port}", f"-s3.config={config}", "-admin.ui=false"]
+        # The IAM API on the S3 port takes writes: the operator makes a user per job (gpujob.credentials.s3).
+        argv += ["-s3.iam.readOnly=false"]
         argv += [f"-admin.port={admin}", f"-admin.port.grpc={admin_grpc}"]
         argv += [f"-{flag}={free_port()}" for flag in _PORT_FLAGS]
         self.process = ManagedProcess("weed mini", argv, lambda: port_open(self.port), self.workdir / "weed.log")
