@@ -155,5 +155,6 @@ def redis_url_for(base_url: str, user: str, password: str) -> str:
     """The job's GPUJOB_REDIS_URL: the operator's URL with the job's user and password in place of its own."""
     parts = urlsplit(base_url)
     host = parts.hostname or "localhost"
+    host = f"[{host}]" if ":" in host else host  # an IPv6 address keeps its brackets
     netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
