@@ -20,6 +20,7 @@ from yarl import URL
 
 from gpujob import __version__
 from gpujob.api.constants import GROUP, MANAGER, PLURAL, VERSION
+from gpujob.api.queues import QUEUE_PLURAL
 
 log = logging.getLogger("gpujob.kube")
 
@@ -334,6 +335,35 @@ async def patch_gpujob_status(
         if exc.status == 404:
             return None
         raise
+
+
+async def list_gpuqueues() -> list[dict[str, Any]] | None:
+    """Every GpuQueue (cluster-scoped), or None when the GpuQueue CRD is not installed (no queues, as before)."""
+    custom: Any = client.CustomObjectsApi(await api_client())
+    try:
+        listed = await _read(
+            await custom.list_cluster_custom_object(GROUP, VERSION, QUEUE_PLURAL, _preload_content=False)
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    items: list[dict[str, Any]] = listed.get("items") or []
+    return items
+
+
+async def patch_gpuqueue_status(name: str, status: dict[str, Any]) -> Effect:
+    """Merge-patch a GpuQueue's status subresource (its usage, as the queue manager derives it); 404 = gone."""
+    custom: Any = client.CustomObjectsApi(await api_client())
+    try:
+        await custom.patch_cluster_custom_object_status(
+            GROUP, VERSION, QUEUE_PLURAL, name, {"status": status}, _content_type="application/merge-patch+json"
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            return Effect.ABSENT
+        raise
+    return Effect.PATCHED
 
 
 async def delete_gpujob(namespace: str, name: str, uid: str | None = None) -> Effect:

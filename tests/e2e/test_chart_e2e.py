@@ -94,6 +94,12 @@ def test_chart_applied_to_emulator_runs_jobs_with_least_privilege(
         cluster.create_job("contended", {"type": "train_lora"})
         cluster.run_pod("contended", 1)
         cluster.wait_phase("contended", Phase.SUCCEEDED)
+        # A job in a GpuQueue: the queue manager lists and watches queues and writes their status.
+        queue = {"apiVersion": "gpujob.dev/v1alpha1", "kind": "GpuQueue", "metadata": {"name": "team"}}
+        kubectl("apply", "-f", "-", input=yaml.safe_dump({**queue, "spec": {"quota": {"nvidia.com/gpu": 1}}}))
+        cluster.create_job("queued", {"type": "train_lora", "queue": "team"})
+        cluster.run_pod("queued", 1)
+        cluster.wait_phase("queued", Phase.SUCCEEDED)
         assert emulator.thread.emulator.faults.injected["409"] > 0
     finally:
         operator.stop()
@@ -120,5 +126,8 @@ def test_chart_applied_to_emulator_runs_jobs_with_least_privilege(
 @pytest.mark.parametrize("values", ["namespaced-values.yaml"])
 def test_namespaced_chart_grants_only_roles(values: str) -> None:
     docs = render(HA_VALUES.with_name(values))
-    assert not of_kind(docs, "ClusterRole", "ClusterRoleBinding")
-    assert all(g.namespace is not None for g in grants(docs))
+    # Nothing cluster-wide but the GpuQueues, which are cluster-scoped by design (docs/queues.md).
+    assert {d["metadata"]["name"] for d in of_kind(docs, "ClusterRole", "ClusterRoleBinding")} == {
+        "gj-gpujob-operator-queues"
+    }
+    assert {g.resource for g in grants(docs) if g.namespace is None} == {"gpuqueues", "gpuqueues/status"}

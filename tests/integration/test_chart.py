@@ -110,9 +110,17 @@ def test_chart_crd_is_the_repository_crd_byte_for_byte(tmp_path: Path) -> None:
     for source in (CHART, package):
         crds = [d for d in yaml.safe_load_all(helm("show", "crds", source).stdout) if d]
         names = {d["metadata"]["name"] for d in crds}
-        assert names == {"gpujobs.gpujob.dev", "kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"}
+        assert names == {
+            "gpujobs.gpujob.dev",
+            "gpuqueues.gpujob.dev",
+            "kopfpeerings.kopf.dev",
+            "clusterkopfpeerings.kopf.dev",
+        }
         (gpujob_crd,) = [d for d in crds if d["metadata"]["name"] == "gpujobs.gpujob.dev"]
         assert gpujob_crd == yaml.safe_load(expected)
+        (queue_crd,) = [d for d in crds if d["metadata"]["name"] == "gpuqueues.gpujob.dev"]
+        assert queue_crd == yaml.safe_load((CRD_FILE.parent / "gpuqueue.yaml").read_text())
+    assert (CHART / "crds" / "gpuqueue.yaml").resolve() == (CRD_FILE.parent / "gpuqueue.yaml").resolve()
 
 
 def test_values_yaml_has_a_comment_on_every_key() -> None:
@@ -372,7 +380,17 @@ def test_namespaced_mode_renders_roles_not_cluster_roles() -> None:
     watched = values["watchNamespaces"]
     docs = render(ci("namespaced"))
     cluster_scoped = {"ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering", "PersistentVolume"}
-    assert not of_kind(docs, *cluster_scoped), "namespaced mode creates nothing cluster-scoped"
+    # ... but the GpuQueues, cluster-scoped by design (docs/queues.md): read them and write their status, only.
+    queues = [
+        d for d in of_kind(docs, "ClusterRole", "ClusterRoleBinding") if d["metadata"]["name"].endswith("-queues")
+    ]
+    assert {d["kind"] for d in queues} == {"ClusterRole", "ClusterRoleBinding"}
+    assert {r for d in queues if d["kind"] == "ClusterRole" for rule in d["rules"] for r in rule["resources"]} == {
+        "gpuqueues",
+        "gpuqueues/status",
+    }
+    others = [d for d in of_kind(docs, *cluster_scoped) if d not in queues]
+    assert not others, "namespaced mode creates nothing else cluster-scoped"
     assert sorted(r["metadata"]["namespace"] for r in of_kind(docs, "Role")) == sorted(watched)
     assert sorted(b["metadata"]["namespace"] for b in of_kind(docs, "RoleBinding")) == sorted(watched)
     assert sorted(p["metadata"]["namespace"] for p in of_kind(docs, "KopfPeering")) == sorted(watched)

@@ -62,7 +62,8 @@ def test_helm_install_upgrade_uninstall_on_a_real_control_plane(
         assert not can_i(kube_session, account, "get", "secrets", kube_namespace)
         assert not can_i(kube_session, account, "update", "pods", kube_namespace)
 
-        # Upgrade to namespaced mode: cluster-scoped grants go, a Role in the watched namespace comes.
+        # Upgrade to namespaced mode: cluster-scoped grants go (but those on the GpuQueues, cluster-scoped by
+        # design), a Role in the watched namespace comes.
         helm(
             kube_session,
             "upgrade",
@@ -80,9 +81,12 @@ def test_helm_install_upgrade_uninstall_on_a_real_control_plane(
         status = json.loads(helm(kube_session, "status", name, "-n", namespace, "-o", "json"))
         assert status["info"]["status"] == "deployed" and status["version"] == 2
         kinds = kinds_of_release(kube_session, name, namespace)
-        assert "ClusterRole" not in kinds and "ClusterRoleBinding" not in kinds and "Role" in kinds
+        assert "Role" in kinds
         assert can_i(kube_session, account, "create", "gpujobs.gpujob.dev", kube_namespace)
         assert not can_i(kube_session, account, "create", "gpujobs.gpujob.dev", "default")
+        assert not can_i(kube_session, account, "list", "pods", "default")
+        assert can_i(kube_session, account, "watch", "gpuqueues.gpujob.dev", kube_namespace)
+        assert not can_i(kube_session, account, "delete", "gpuqueues.gpujob.dev", kube_namespace)
     finally:
         helm(kube_session, "uninstall", name, "-n", namespace, "--wait", "--timeout", "60s", check=False)
     assert kinds_of_release(kube_session, name, namespace) == set()

@@ -90,3 +90,4 @@ def test_suspending_releases_the_admission() -> None:
     body["spec"]["suspend"] = False
     d = step(body, [], FULL)
     assert d.create_attempt is None and d.status.phase is Phase.QUEUED and d.status.reason == Reason.QUOTA_EXCEEDED
+    assert cond(d, ConditionType.SUSPENDED) == ("False", Reason.RESUMED)

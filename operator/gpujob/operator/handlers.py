@@ -12,6 +12,7 @@ from typing import Any
 import kopf
 
 from gpujob.api.constants import GROUP, MANAGER, PLURAL, VERSION, Label
+from gpujob.api.queues import QUEUE_PLURAL
 from gpujob.operator.runtime import Runtime
 
 # kopf retries a failed start-up handler after this many seconds (its default is 60).
@@ -37,6 +38,10 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     async def gpujob_event(event: kopf.RawEvent, **_: Any) -> None:
         runtime.job_event(event.get("type"), dict(event["object"]))
+
+    @kopf.on.event(GROUP, VERSION, QUEUE_PLURAL, registry=registry)
+    async def gpuqueue_event(event: kopf.RawEvent, **_: Any) -> None:
+        runtime.queue_event(event.get("type"), dict(event["object"]))
 
     @kopf.on.event("", "v1", "pods", labels={Label.MANAGED_BY: MANAGER}, registry=registry)
     async def pod_event(event: kopf.RawEvent, **_: Any) -> None:

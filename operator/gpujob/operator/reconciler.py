@@ -22,7 +22,15 @@ from gpujob.api.models import GpuJobSpec, GpuJobStatus
 from gpujob.kube import ApiException
 from gpujob.operator.builders import JobRef, PodDefaults, build_pod
 from gpujob.operator.cache import JobKey, Store
-from gpujob.operator.status import Decision, Transition, decide, fail_now, status_patch, without_worker_output
+from gpujob.operator.status import (
+    Decision,
+    QueueGate,
+    Transition,
+    decide,
+    fail_now,
+    status_patch,
+    without_worker_output,
+)
 
 log = logging.getLogger("gpujob.reconciler")
 
@@ -30,6 +38,8 @@ TransitionSink = Callable[[dict[str, Any], list[Transition], GpuJobStatus], Awai
 # Told of every status write (the job as stored, the pass's decision); must not block (Kubernetes Events).
 WriteObserver = Callable[[dict[str, Any], Decision], None]
 ErrorSink = Callable[[str], None]
+# The queue manager's word on a job (None: admitted at once); see gpujob.operator.queues.
+GateSource = Callable[[JobKey, GpuJobSpec], QueueGate | None]
 
 # A job is never abandoned: a failing reconcile is retried for as long as it fails, backing off exponentially up
 # to this cap (the Job controller's rate-limited queue does the same, capped at 1000 s); each failure counts in
@@ -49,6 +59,7 @@ class Reconciler:
     on_error: ErrorSink | None = None
     observers: list[WriteObserver] = field(default_factory=list)
     clock: Callable[[], datetime] = utcnow
+    gate_of: GateSource | None = None
     _locks: dict[JobKey, asyncio.Lock] = field(default_factory=dict)
     _timers: dict[JobKey, asyncio.TimerHandle] = field(default_factory=dict)
     _errors: dict[JobKey, int] = field(default_factory=dict)
@@ -132,14 +143,15 @@ class Reconciler:
         ref = JobRef(namespace=key[0], name=key[1], uid=meta.get("uid", ""))
         now = self.clock()
         spec = _parse_spec(job)
-        decision = decide(job, self.store.pods_of(ref.uid), now, spec=spec)
+        gate = self.gate_of(key, spec) if self.gate_of is not None and spec is not None else None
+        decision = decide(job, self.store.pods_of(ref.uid), now, spec=spec, gate=gate)
         vanished = (job.get("status") or {}).get("podName")
         if vanished and any(t.reason == Reason.POD_DELETED for t in decision.transitions):
             # The cache says the current attempt's Pod is gone; ask the API before starting over.
             pod = await kube.get_pod(key[0], vanished)
             if pod is not None:
                 self.store.put_pod(pod)
-                decision = decide(job, self.store.pods_of(ref.uid), now, spec=spec)
+                decision = decide(job, self.store.pods_of(ref.uid), now, spec=spec, gate=gate)
         for name in decision.delete_pods:
             await kube.delete_pod(key[0], name)
         if decision.create_attempt is not None and spec is not None:

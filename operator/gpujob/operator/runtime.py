@@ -29,6 +29,7 @@ from gpujob.operator.cache import JobKey, Store
 from gpujob.operator.conventions import parse_time
 from gpujob.operator.kevents import EventRecorder
 from gpujob.operator.progress import EventForwarder, ProgressMirror
+from gpujob.operator.queues import QueueManager
 from gpujob.operator.reconciler import Reconciler, utcnow
 from gpujob.operator.status import Transition
 from gpujob.settings import Settings
@@ -78,6 +79,7 @@ class Runtime:
     health: Health
     store: Store = field(default_factory=Store)
     reconciler: Reconciler = field(init=False)
+    queues: QueueManager = field(init=False)
     redis: redis.asyncio.Redis | None = None
     forwarder: EventForwarder | None = None
     mirror: ProgressMirror | None = None
@@ -94,6 +96,9 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.reconciler = Reconciler(self.store, self.defaults, on_error=self.metrics.handler_error)
+        self.queues = QueueManager(self.store, self.spawn_reconcile)
+        self.reconciler.gate_of = self.queues.gate
+        self.reconciler.observers.append(lambda stored, _: self.queues.job_changed(stored))
         self.reconciler.observers.append(self.recorder.observe)
         self.reconciler.sinks.append(self.record_metrics)
         if self.settings.prometheus_url:
@@ -117,8 +122,11 @@ class Runtime:
         # Before kopf resolves its resources (its watchers start after this startup handler).
         await kube.wait_for_discovery({"v1": "pods", f"{GROUP}/{VERSION}": PLURAL})
         await self._list_pods()
+        await self._list_queues()
         if not any(task.get_name() == "kubernetes-events" for task in self._tasks):
             self.spawn("kubernetes-events", self.recorder.run())
+        if not any(task.get_name() == "queues" for task in self._tasks):
+            self.spawn("queues", self.queues.run())
         if self.settings.redis_url is not None and self.redis is None:
             self.redis = async_client(self.settings)
             self.health.add_readiness_check("redis", self._redis_ping)
@@ -154,6 +162,19 @@ class Runtime:
                         self.store.put_pod(pod)
             except Exception as exc:
                 log.warning("start-up pod list failed, retrying", error=kube.message_of(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(STARTUP_RETRY_CAP_SECONDS, delay * 2)
+            else:
+                return
+
+    async def _list_queues(self) -> None:
+        """Know every GpuQueue before the first reconcile (retried as the Pod list is)."""
+        delay = 0.5
+        while True:
+            try:
+                await self.queues.list_queues()
+            except Exception as exc:
+                log.warning("start-up queue list failed, retrying", error=kube.message_of(exc), retry_in=delay)
                 await asyncio.sleep(delay)
                 delay = min(STARTUP_RETRY_CAP_SECONDS, delay * 2)
             else:
@@ -245,6 +266,7 @@ class Runtime:
                 self.metrics.forget(job_id_of(held))
             self.store.drop_job(key)
             self.reconciler.forget(key)
+            self.queues.job_changed(body)
             if self.mirror is not None:
                 self.mirror.forget(key)
             return
@@ -255,7 +277,11 @@ class Runtime:
         if self.store.job(key) is None:
             self._resync_metrics(body)
         self.store.put_job(body)
+        self.queues.job_changed(body)
         self.spawn_reconcile(key)
+
+    def queue_event(self, event_type: str | None, body: dict[str, Any]) -> None:
+        self.queues.queue_event(event_type, body)
 
     def pod_event(self, event_type: str | None, body: dict[str, Any]) -> None:
         if event_type != "DELETED" and self.store.holds_pod(body):

@@ -74,6 +74,7 @@ class _Builder:
     generation: int | None
     transitions: list[Transition] = field(default_factory=list)
     gate: QueueGate | None = None
+    awaiting_admission: bool = False  # this pass left the job Queued for its queue's admission
 
     def cond(self, ctype: ConditionType, on: bool, reason: str, message: str = "") -> None:
         self.status.conditions = set_condition(
@@ -144,6 +145,7 @@ def _start_attempt(
 
 def _wait_for_admission(b: _Builder, queue: str, gate: QueueGate) -> None:
     """No Pod: phase Queued with the queue's reason and the job's position (Created until the first plan)."""
+    b.awaiting_admission = True
     b.status.next_attempt_time = None
     b.status.pod_name = None
     reason = _WAITING.get(gate.reason or "")
@@ -249,7 +251,8 @@ def decide(
         b.status.next_attempt_time = None
         _observe_pod(b, d, spec, pod, now, pods)
     elif b.status.phase is Phase.SUSPENDED:
-        if _start_attempt(b, d, spec, Reason.RESUMED, "resumed", pods):
+        # Resumed when its Pod is created, or when it waits for its queue's admission (phase Queued).
+        if _start_attempt(b, d, spec, Reason.RESUMED, "resumed", pods) or b.awaiting_admission:
             b.cond(ConditionType.SUSPENDED, False, Reason.RESUMED, "spec.suspend is false")
     elif b.status.phase is Phase.RETRYING:
         due = parse_time(b.status.next_attempt_time) or now

@@ -1,0 +1,121 @@
+"""GPU queues (docs/queues.md) with the real operator process on each API backend: a job that names a queue gets
+its Pod only once its queue admits it (status.admission first), waits Queued with the reason and its position
+otherwise, and with no GpuQueue in the cluster at all runs as before. GpuQueues are cluster-scoped: each test
+names its own and deletes them (the real control plane is shared by the session)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from gpujob.api.constants import GROUP, VERSION, Phase, Reason
+from gpujob.api.queues import QUEUE_KIND, QUEUE_PLURAL
+from tests.support.operator import Cluster, OperatorProcess
+
+QueueMaker = Callable[..., str]
+
+
+@pytest.fixture
+def make_queue(cluster: Cluster) -> Iterator[QueueMaker]:
+    made: list[str] = []
+
+    def make(quota: dict[str, Any], name: str | None = None, **spec: Any) -> str:
+        name = name or f"q-{uuid.uuid4().hex[:8]}"
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": QUEUE_KIND,
+            "metadata": {"name": name},
+            "spec": {"quota": quota, **spec},
+        }
+        cluster.custom.create_cluster_custom_object(GROUP, VERSION, QUEUE_PLURAL, body)
+        made.append(name)
+        return name
+
+    yield make
+    for name in made:
+        try:
+            cluster.custom.delete_cluster_custom_object(GROUP, VERSION, QUEUE_PLURAL, name)
+        except Exception as exc:  # already gone
+            if getattr(exc, "status", None) != 404:
+                raise
+
+
+def _queue_status(cluster: Cluster, name: str) -> dict[str, Any]:
+    body: dict[str, Any] = cluster.custom.get_cluster_custom_object(GROUP, VERSION, QUEUE_PLURAL, name)
+    return body.get("status") or {}
+
+
+def _admitted(status: dict[str, Any]) -> tuple[str, str] | None:
+    found = [(c["status"], c["reason"]) for c in status.get("conditions", []) if c["type"] == "Admitted"]
+    return found[0] if found else None
+
+
+def test_a_full_queue_makes_the_second_job_wait_until_the_first_finishes(
+    operator: OperatorProcess, cluster: Cluster, make_queue: QueueMaker
+) -> None:
+    queue = make_queue({"nvidia.com/gpu": 1})
+    cluster.create_job("first", {"type": "train_lora", "gpus": 1, "queue": queue})
+    pod = cluster.wait_pod("first", 1)
+    first = cluster.wait_until(  # the Pod is created before the pass writes its status
+        lambda: _admitted(s := cluster.status("first")) == ("True", Reason.ADMITTED) and s,
+        what="the first job's status to say admitted",
+    )
+    assert first["admission"]["queue"] == queue and first["admission"]["resources"] == {"nvidia.com/gpu": "1"}
+    assert _admitted(first) == ("True", Reason.ADMITTED)
+
+    cluster.create_job("second", {"type": "train_lora", "gpus": 1, "queue": queue})
+    waiting = cluster.wait_until(
+        lambda: (s := cluster.status("second")).get("reason") == Reason.QUOTA_EXCEEDED and s,
+        what="the second job to wait for quota",
+    )
+    assert waiting["phase"] == Phase.QUEUED and waiting["queue"] == {"position": 1}
+    assert _admitted(waiting) == ("False", Reason.QUOTA_EXCEEDED) and "admission" not in waiting
+    assert not cluster.pods("second") and waiting.get("attempts", 0) == 0
+    cluster.wait_until(
+        lambda: (
+            _queue_status(cluster, queue).get("pending") == 1
+            and _queue_status(cluster, queue).get("usage") == {"nvidia.com/gpu": "1"}
+        ),
+        what="the queue's status to show one admitted, one pending",
+    )
+
+    cluster.set_pod(pod.metadata.name, "Running")
+    cluster.wait_phase("first", Phase.RUNNING)
+    cluster.set_pod(pod.metadata.name, "Succeeded", exit_code=0)
+    cluster.wait_phase("first", Phase.SUCCEEDED)
+    cluster.wait_pod("second", 1)
+    second = cluster.wait_until(
+        lambda: _admitted(s := cluster.status("second")) == ("True", Reason.ADMITTED) and s,
+        what="the second job's status to say admitted",
+    )
+    assert second["admission"]["queue"] == queue and "queue" not in second
+    assert _admitted(second) == ("True", Reason.ADMITTED)
+
+
+def test_a_job_naming_a_missing_queue_waits_until_the_queue_exists(
+    operator: OperatorProcess, cluster: Cluster, make_queue: QueueMaker
+) -> None:
+    make_queue({"nvidia.com/gpu": 2})  # queues are in use: a job naming another one waits for it
+    missing = f"q-{uuid.uuid4().hex[:8]}"
+    cluster.create_job("lost", {"type": "train_lora", "gpus": 1, "queue": missing})
+    status = cluster.wait_until(
+        lambda: (s := cluster.status("lost")).get("reason") == Reason.QUEUE_NOT_FOUND and s,
+        what="the job to wait for its queue",
+    )
+    assert status["phase"] == Phase.QUEUED and _admitted(status) == ("False", Reason.QUEUE_NOT_FOUND)
+    assert missing in status["message"] and not cluster.pods("lost")
+    make_queue({"nvidia.com/gpu": 1}, name=missing)
+    cluster.wait_pod("lost", 1)
+    assert cluster.status("lost")["admission"]["queue"] == missing
+
+
+def test_with_no_gpuqueue_at_all_a_job_naming_a_queue_runs_at_once(operator: OperatorProcess, cluster: Cluster) -> None:
+    assert not cluster.custom.list_cluster_custom_object(GROUP, VERSION, QUEUE_PLURAL)["items"]
+    cluster.create_job("free", {"type": "train_lora", "gpus": 1, "queue": "team-a"})
+    pod = cluster.wait_pod("free", 1)
+    status = cluster.wait_phase("free", cluster.resting_phase)
+    assert status["podName"] == pod.metadata.name
+    assert "admission" not in status and _admitted(status) is None

@@ -1,0 +1,85 @@
+"""The queue manager's pure parts (gpujob.operator.queues): GpuQueue -> Queue, GpuJob -> Workload, the gate, the
+queue status; no server."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from gpujob.operator.admission import plan
+from gpujob.operator.cache import Store
+from gpujob.operator.queues import QueueManager, queue_of, queue_status, workload_of
+from gpujob.operator.status import QueueGate
+
+T0 = "2026-01-01T12:00:00Z"
+
+
+def job(name: str, spec: dict[str, Any], status: dict[str, Any] | None = None, **meta: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "namespace": "ml", "uid": f"u-{name}", "creationTimestamp": T0, **meta},
+        "spec": {"type": "custom", **spec},
+        "status": status or {},
+    }
+
+
+def queue(name: str, **spec: Any) -> dict[str, Any]:
+    return {"metadata": {"name": name}, "spec": {"quota": {"nvidia.com/gpu": 2}, **spec}}
+
+
+def test_a_gpuqueue_becomes_an_admission_queue() -> None:
+    q = queue_of(queue("a", weight=3, borrow=False, preemption={"withinQueue": "Never"}, namespaces=["ml"]))
+    assert q is not None and q.quota == {"nvidia.com/gpu": Decimal(2)} and q.weight == 3
+    assert not q.borrow and not q.preempt_within and q.reclaim and q.namespaces == {"ml"}
+    assert queue_of({"metadata": {"name": "bad"}, "spec": {"quota": {"nvidia.com/gpu": "-1"}}}) is None
+
+
+def test_a_job_in_a_queue_is_a_workload_with_its_request() -> None:
+    spec = {"queue": "a", "priority": 5, "gpus": 2, "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}}}
+    w = workload_of(("ml", "j"), job("j", spec))
+    assert w is not None and w.key == "ml/j" and w.queue == "a" and w.priority == 5 and not w.admitted
+    assert w.request == {"nvidia.com/gpu": 2, "cpu": Decimal("0.5"), "memory": 2**30}
+    assert w.arrival == datetime(2026, 1, 1, 12, tzinfo=UTC)
+    admitted = job("j", spec, {"admission": {"queue": "old", "admittedAt": T0}})
+    w = workload_of(("ml", "j"), admitted)
+    assert w is not None and w.admitted and w.queue == "old"  # counted where it was admitted
+
+
+def test_jobs_that_hold_no_queue_are_not_workloads() -> None:
+    assert workload_of(("ml", "j"), job("j", {})) is None
+    assert workload_of(("ml", "j"), job("j", {"queue": "a", "suspend": True})) is None
+    assert workload_of(("ml", "j"), job("j", {"queue": "a", "cancel": True})) is None
+    assert workload_of(("ml", "j"), job("j", {"queue": "a"}, {"phase": "Succeeded"})) is None
+    assert workload_of(("ml", "j"), job("j", {"queue": "a"}, deletionTimestamp=T0)) is None
+    assert workload_of(("ml", "j"), job("j", {"queue": "a", "gpus": -1})) is None
+
+
+def test_queue_status_counts_usage_pending_and_admitted() -> None:
+    q = queue_of(queue("a"))
+    assert q is not None
+    workloads = [
+        w
+        for i, status in enumerate(({"admission": {"queue": "a", "admittedAt": T0}}, {}, {}))
+        if (w := workload_of(("ml", f"j{i}"), job(f"j{i}", {"queue": "a"}, status))) is not None
+    ]
+    result = plan({"a": q}, workloads)
+    assert result.admit == ["ml/j1"] and result.waiting["ml/j2"].position == 1
+    assert queue_status("a", result, workloads) == {
+        "usage": {"nvidia.com/gpu": "2"},
+        "borrowed": {"nvidia.com/gpu": "0"},
+        "pending": 1,
+        "admitted": 2,
+    }
+
+
+def test_the_gate_is_none_without_queues_or_without_spec_queue() -> None:
+    from gpujob.api.models import GpuJobSpec
+
+    manager = QueueManager(Store(), on_change=lambda key: None)
+    in_queue = GpuJobSpec.model_validate({"type": "custom", "queue": "a"})
+    assert manager.gate(("ml", "j"), in_queue) is None  # no GpuQueue at all: admitted at once
+    manager.queue_event("ADDED", queue("a"))
+    assert manager.gate(("ml", "j"), in_queue) == QueueGate()  # not planned yet: waits
+    assert manager.gate(("ml", "j"), GpuJobSpec.model_validate({"type": "custom"})) is None
+    manager.queue_event("DELETED", queue("a"))
+    assert manager.gate(("ml", "j"), in_queue) is None
