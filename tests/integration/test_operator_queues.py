@@ -119,3 +119,45 @@ def test_with_no_gpuqueue_at_all_a_job_naming_a_queue_runs_at_once(operator: Ope
     status = cluster.wait_phase("free", cluster.resting_phase)
     assert status["podName"] == pod.metadata.name
     assert "admission" not in status and _admitted(status) is None
+
+
+def test_a_higher_priority_job_preempts_a_lower_one_which_waits_again_without_a_failure(
+    operator: OperatorProcess, cluster: Cluster, make_queue: QueueMaker
+) -> None:
+    queue = make_queue({"nvidia.com/gpu": 1})
+    cluster.create_job("low", {"type": "train_lora", "gpus": 1, "queue": queue, "retries": {"limit": 0}})
+    low_pod = cluster.wait_pod("low", 1).metadata.name
+    cluster.set_pod(low_pod, "Running")
+    cluster.wait_phase("low", Phase.RUNNING)
+
+    cluster.create_job("urgent", {"type": "train_lora", "gpus": 1, "queue": queue, "priority": 10})
+
+    def stopping() -> bool:
+        pods = [p for p in cluster.pods("low") if p.metadata.name == low_pod]
+        return not pods or pods[0].metadata.deletion_timestamp is not None
+
+    cluster.wait_until(stopping, what="the low-priority job's Pod to be deleted")
+    if any(p.metadata.name == low_pod for p in cluster.pods("low")):  # graceful: the kubelet's part
+        cluster.set_pod(low_pod, "Failed", exit_code=143)
+        cluster.core.delete_namespaced_pod(low_pod, cluster.namespace, grace_period_seconds=0)
+    preempted = cluster.wait_until(
+        lambda: (s := cluster.status("low")).get("preemptions") == 1 and s, what="the low job to count a preemption"
+    )
+    assert preempted["phase"] == Phase.QUEUED and preempted.get("failures", 0) == 0 and "admission" not in preempted
+    assert _admitted(preempted) is not None and _admitted(preempted)[0] == "False"
+    urgent_pod = cluster.wait_pod("urgent", 1).metadata.name
+    waiting = cluster.wait_until(
+        lambda: (s := cluster.status("low")).get("reason") == Reason.QUOTA_EXCEEDED and s,
+        what="the preempted job to wait for quota",
+    )
+    assert waiting["queue"] == {"position": 1} and waiting["attempts"] == 1
+
+    cluster.set_pod(urgent_pod, "Running")
+    cluster.wait_phase("urgent", Phase.RUNNING)
+    cluster.set_pod(urgent_pod, "Succeeded", exit_code=0)
+    cluster.wait_phase("urgent", Phase.SUCCEEDED)
+    cluster.wait_pod("low", 2)  # the next attempt (the worker resumes from its checkpoint)
+    again = cluster.wait_until(
+        lambda: (s := cluster.status("low")).get("attempts") == 2 and s, what="the low job's second attempt"
+    )
+    assert again.get("failures", 0) == 0 and again["preemptions"] == 1

@@ -84,6 +84,16 @@ def test_a_higher_priority_job_preempts_the_lowest_priority_most_recent_jobs_of_
     assert after.admit == ["urgent"] and after.waiting["new-low"].position == 1
 
 
+def test_jobs_being_preempted_count_until_they_are_gone_and_no_more_victims_are_taken_meanwhile() -> None:
+    from dataclasses import replace
+
+    running = [job("old-low", "a", priority=0, admitted=1), job("new-low", "a", priority=0, admitted=5)]
+    stopping = replace(running[1], evicting=True, preemptible=False)
+    result = plan(queues(q("a", 2, borrow=False)), [running[0], stopping, job("urgent", "a", priority=9, at=10)])
+    assert result.admit == [] and result.preempt == {}, "the room is promised: no second victim, no admission yet"
+    assert result.usage["a"][GPU] == 2
+
+
 def test_no_preemption_when_it_would_not_make_room_or_the_queue_says_never() -> None:
     running = [job("low", "a", priority=0, admitted=1), job("high", "a", priority=9, admitted=2)]
     too_big = plan(queues(q("a", 2, borrow=False)), [*running, job("wants-2", "a", priority=5, gpus=2, at=3)])

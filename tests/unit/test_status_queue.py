@@ -91,3 +91,39 @@ def test_suspending_releases_the_admission() -> None:
     d = step(body, [], FULL)
     assert d.create_attempt is None and d.status.phase is Phase.QUEUED and d.status.reason == Reason.QUOTA_EXCEEDED
     assert cond(d, ConditionType.SUSPENDED) == ("False", Reason.RESUMED)
+
+
+def test_a_preempted_job_stops_its_pod_then_waits_again_and_is_not_failed() -> None:
+    body = job({"queue": "team-a", "retries": {"limit": 0}})
+    body["status"] = {"admission": ADMISSION}
+    step(body, [], FULL)
+    step(body, [pod(1, "Running", node_name="n1")], FULL)
+    body["status"]["preempting"] = {"by": "ml/urgent", "since": iso(T0)}
+    d = step(body, [pod(1, "Running", node_name="n1")], FULL)
+    assert d.delete_pods == ["j-1"] and d.status.phase is Phase.RUNNING, "the Pod first stops, gracefully"
+    assert cond(d, ConditionType.ADMITTED) == ("False", Reason.PREEMPTED) and d.status.admission is not None
+    d = step(body, [pod(1, "Running", node_name="n1", deleting=True)], FULL)
+    assert d.delete_pods == [] and d.status.preemptions == 0
+    d = step(body, [pod(1, "Failed", exit_code=143)], FULL)  # the worker checkpointed and exited on SIGTERM
+    assert d.status.phase is Phase.QUEUED and d.status.reason == Reason.PREEMPTED and "ml/urgent" in d.status.message
+    assert d.status.preemptions == 1 and d.status.failures == 0 and d.create_attempt is None
+    assert d.status.admission is None and d.status.preempting is None
+    assert "admission" not in body["status"] and "preempting" not in body["status"]
+    d = step(body, [pod(1, "Failed", exit_code=143)], FULL)  # waits for its queue, the old Pod is not a failure
+    assert d.status.phase is Phase.QUEUED and d.status.reason == Reason.QUOTA_EXCEEDED and d.status.failures == 0
+    body["status"]["admission"] = ADMISSION
+    d = step(body, [pod(1, "Failed", exit_code=143)], FULL)
+    assert d.create_attempt == 2 and d.status.phase is Phase.SCHEDULED and d.status.failures == 0
+    assert d.status.preemptions == 1
+
+
+def test_a_job_that_succeeded_while_being_preempted_succeeds() -> None:
+    body = job({"queue": "team-a"})
+    body["status"] = {
+        "admission": ADMISSION,
+        "attempts": 1,
+        "phase": "Running",
+        "preempting": {"by": "x", "since": iso(T0)},
+    }
+    d = step(body, [pod(1, "Succeeded", exit_code=0)], FULL)
+    assert d.status.phase is Phase.SUCCEEDED and d.status.preemptions == 0

@@ -133,6 +133,7 @@ class Reason(StrEnum):
     QUEUE_NOT_FOUND = "QueueNotFound"
     NAMESPACE_NOT_ALLOWED = "NamespaceNotAllowed"
     ADMITTED = "Admitted"
+    PREEMPTED = "Preempted"  # evicted by its queue for a higher-priority job (or to reclaim lent quota)
 
 
 # Reasons of status.reason/conditions the operator never sets (kept for other vocabularies, e.g. metrics labels).

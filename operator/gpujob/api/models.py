@@ -223,6 +223,14 @@ class Admission(WireModel):
     resources: dict[str, Quantity | int] = Field(default_factory=dict, max_length=16)
 
 
+class Preempting(WireModel):
+    """The queue manager's mark on an admitted job it evicts to make room: the operator stops its Pod gracefully
+    (the worker checkpoints), then puts the job back in its queue (phase Queued, reason Preempted)."""
+
+    by: str = Field(max_length=317, description="The job it makes room for (namespace/name).")
+    since: str
+
+
 class QueuePosition(WireModel):
     position: int = Field(0, ge=0, description="1-based place in its queue while it waits (0: in no queue).")
 
@@ -250,3 +258,5 @@ class GpuJobStatus(WireModel):
     metrics: dict[str, float] = Field(default_factory=dict)
     admission: Admission | None = None
     queue: QueuePosition | None = None
+    preempting: Preempting | None = None
+    preemptions: int = 0  # times the job was preempted (never counted as failures)

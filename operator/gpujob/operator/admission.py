@@ -66,6 +66,7 @@ class Workload:
     request: Mapping[str, Decimal]
     admitted_at: datetime | None = None  # None: waiting
     preemptible: bool = True  # False while it is already being preempted, or finishing
+    evicting: bool = False  # being preempted: still counted (its Pod may run), but its room is already promised
 
     @property
     def admitted(self) -> bool:
@@ -176,7 +177,13 @@ def _make_room(
     """The admitted jobs whose eviction lets `head` in (empty when none would, or the rules allow none)."""
     queue = queues[head.queue]
     request = {r: Decimal(head.request.get(r, 0)) for r in tracked}
+    # Jobs being preempted already (by an earlier plan) free their room once they are gone: count it as free
+    # here, so that a plan never evicts more jobs for the same head while the first victims stop.
+    evicting = [w for items in admitted.values() for w in items if w.evicting]
     own = dict(usage[head.queue])
+    for w in evicting:
+        if w.queue == head.queue:
+            _add(own, w.request, tracked, sign=-1)
     victims: list[Workload] = []
     # Within the queue: lower priorities make room inside its own quota.
     if not _fits(own, request, queue.quota):
@@ -192,12 +199,15 @@ def _make_room(
             return []
     # Across queues: a queue within its quota takes lent quota back from borrowers.
     total = _total(usage, tracked)
-    for w in victims:
+    for w in [*victims, *evicting]:
         _add(total, w.request, tracked, sign=-1)
     if not _fits(total, request, capacity):
         if not queue.reclaim:
             return []
         others = {n: dict(usage[n]) for n in queues if n != head.queue}
+        for w in evicting:
+            if w.queue in others:
+                _add(others[w.queue], w.request, tracked, sign=-1)
         borrowers = [w for n in others for w in admitted.get(n, []) if w.preemptible and w.key not in taken]
         for w in sorted(borrowers, key=_victim_order):
             if _fits(total, request, capacity):

@@ -82,6 +82,7 @@ def workload_of(key: JobKey, job: dict[str, Any]) -> Workload | None:
     if spec.suspend or spec.cancel or spec.queue is None:
         return None
     admission = status.get("admission") or None
+    evicting = bool(admission and status.get("preempting"))
     arrival = parse_time(meta.get("creationTimestamp")) or datetime.fromtimestamp(0, UTC)
     admitted_at = (parse_time(admission.get("admittedAt")) or arrival) if admission else None
     return Workload(
@@ -92,6 +93,8 @@ def workload_of(key: JobKey, job: dict[str, Any]) -> Workload | None:
         arrival=arrival,
         request=request_of(spec),
         admitted_at=admitted_at,
+        preemptible=not evicting,
+        evicting=evicting,
     )
 
 
@@ -185,6 +188,8 @@ class QueueManager:
         by_key = {w.key: w for w in workloads}
         for admitted in result.admit:
             await self._admit(by_key[admitted])
+        for victim, head in sorted(result.preempt.items()):
+            await self._preempt(by_key[victim], head)
         gates = {
             _key(k): QueueGate(wait.reason.value, wait.position, wait.message) for k, wait in result.waiting.items()
         }
@@ -200,29 +205,38 @@ class QueueManager:
 
     async def _admit(self, w: Workload) -> None:
         """Write the admission (before any Pod exists), file the stored job, and have it reconciled."""
-        key = _key(w.key)
-        job = self.store.job(key)
-        if job is None:
-            return
         admission = {
             "queue": w.queue,
             "admittedAt": iso(self.clock()),
             "resources": _amounts(dict(w.request)),
         }
+        if await self._write(_key(w.key), {"admission": admission}):
+            log.info("job admitted", job=w.key, queue=w.queue, resources=admission["resources"])
+
+    async def _preempt(self, w: Workload, head: str) -> None:
+        """Mark an admitted job for eviction: the reconciler stops its Pod gracefully, then hands the admission
+        back (decide(): phase Queued, reason Preempted). Its usage counts until then."""
+        if await self._write(_key(w.key), {"preempting": {"by": head, "since": iso(self.clock())}}):
+            log.info("job preempted", job=w.key, queue=w.queue, by=head)
+
+    async def _write(self, key: JobKey, status: dict[str, Any]) -> bool:
+        """A status merge-patch guarded by the resourceVersion the plan saw; the stored job is filed and
+        reconciled. A job changed since (409) is re-read and planned again, never written from a stale view."""
+        job = self.store.job(key)
+        if job is None:
+            return False
         try:
-            stored = await kube.patch_gpujob_status(
-                *key, {"admission": admission}, job["metadata"].get("resourceVersion")
-            )
+            stored = await kube.patch_gpujob_status(*key, status, job["metadata"].get("resourceVersion"))
         except kube.ApiException as exc:
             if exc.status != 409:
                 raise
-            fresh = await kube.get_gpujob(*key)  # changed since we planned: plan again from the fresh object
+            fresh = await kube.get_gpujob(*key)
             if fresh is not None:
                 self.store.put_job(fresh)
             self.poke()
-            return
+            return False
         if stored is None:
-            return
+            return False
         self.store.put_job(stored)
-        log.info("job admitted", job=f"{key[0]}/{key[1]}", queue=w.queue, resources=admission["resources"])
         self.on_change(key)
+        return True

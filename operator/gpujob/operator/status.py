@@ -158,6 +158,26 @@ def _wait_for_admission(b: _Builder, queue: str, gate: QueueGate) -> None:
     b.status.queue = QueuePosition(position=gate.position)
 
 
+def _preempt(b: _Builder, d: Decision, pods: list[PodView]) -> None:
+    """Evicted by its queue: stop the Pod gracefully (the worker checkpoints on SIGTERM); once no Pod of the job
+    is alive, hand the admission back and wait in the queue again. Not a failure: the next attempt resumes."""
+    mark = b.status.preempting
+    by = mark.by if mark is not None else "another job"
+    alive = [p for p in pods if p.phase in ALIVE_POD_PHASES and not p.lost]
+    if alive:
+        d.delete_pods += [p.name for p in alive if not p.deleting and p.name not in d.delete_pods]
+        b.cond(ConditionType.ADMITTED, False, Reason.PREEMPTED, f"preempted by {by}: stopping the Pod")
+        return
+    b.status.preempting = None
+    b.status.admission = None
+    b.status.preemptions += 1
+    b.status.next_attempt_time = None
+    message = f"preempted by {by}; waits for its queue again"
+    b.phase(Phase.QUEUED, Reason.PREEMPTED, message)
+    b.cond(ConditionType.RUNNING, False, Reason.PREEMPTED, message)
+    b.cond(ConditionType.ADMITTED, False, Reason.PREEMPTED, message)
+
+
 def _attempt_failed(b: _Builder, d: Decision, spec: GpuJobSpec, pod: PodView, reason: str, msg: str) -> None:
     """The job's own failure: count it, then fail for good or schedule the next attempt after the back-off."""
     b.status.failures += 1
@@ -245,6 +265,8 @@ def decide(
             b.cond(ConditionType.ADMITTED, False, Reason.SUSPENDED, "suspended: the queue's quota is released")
         b.cond(ConditionType.SUSPENDED, True, Reason.SUSPENDED, "spec.suspend is true")
         b.cond(ConditionType.RUNNING, False, Reason.SUSPENDED, "suspended")
+    elif b.status.preempting is not None and not (pod is not None and pod.phase == PodPhase.SUCCEEDED):
+        _preempt(b, d, pods)
     elif adopted and pod is not None:
         # A Pod newer than the status we read: our own status write was lost (or we read a stale copy).
         # Follow the Pod; never treat it as the failed attempt's.
@@ -268,6 +290,9 @@ def decide(
             d.requeue_after = (due - now).total_seconds()
     elif b.status.attempts == 0:
         _start_attempt(b, d, spec, Reason.POD_CREATED, "Pod created", pods)
+    elif b.status.phase is Phase.QUEUED and spec.queue:
+        # Back in its queue (preempted, or resumed): the next attempt once admitted again; its old Pod is over.
+        _start_attempt(b, d, spec, Reason.POD_CREATED, f"admitted again; attempt {b.status.attempts + 1}", pods)
     elif pod is None:
         # The Pod of the current attempt vanished from outside (node loss, preemption, kubectl delete):
         # start over without charging the job for it.
