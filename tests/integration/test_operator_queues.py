@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from kubernetes.client.exceptions import ApiException
 
 from gpujob.api.constants import GROUP, VERSION, Phase, Reason
 from gpujob.api.queues import QUEUE_KIND, QUEUE_PLURAL
@@ -51,6 +52,17 @@ def _queue_status(cluster: Cluster, name: str) -> dict[str, Any]:
 def _admitted(status: dict[str, Any]) -> tuple[str, str] | None:
     found = [(c["status"], c["reason"]) for c in status.get("conditions", []) if c["type"] == "Admitted"]
     return found[0] if found else None
+
+
+def _stop(cluster: Cluster, pod_name: str) -> None:
+    """The kubelet's part of a graceful deletion: the worker exits on SIGTERM (143), the Pod goes. (An unbound
+    Pod is deleted at once by the API server: then there is nothing to do.)"""
+    try:
+        cluster.set_pod(pod_name, "Failed", exit_code=143)
+        cluster.core.delete_namespaced_pod(pod_name, cluster.namespace, grace_period_seconds=0)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
 
 
 def test_a_full_queue_makes_the_second_job_wait_until_the_first_finishes(
@@ -137,9 +149,7 @@ def test_a_higher_priority_job_preempts_a_lower_one_which_waits_again_without_a_
         return not pods or pods[0].metadata.deletion_timestamp is not None
 
     cluster.wait_until(stopping, what="the low-priority job's Pod to be deleted")
-    if any(p.metadata.name == low_pod for p in cluster.pods("low")):  # graceful: the kubelet's part
-        cluster.set_pod(low_pod, "Failed", exit_code=143)
-        cluster.core.delete_namespaced_pod(low_pod, cluster.namespace, grace_period_seconds=0)
+    _stop(cluster, low_pod)
     preempted = cluster.wait_until(
         lambda: (s := cluster.status("low")).get("preemptions") == 1 and s, what="the low job to count a preemption"
     )
@@ -161,3 +171,49 @@ def test_a_higher_priority_job_preempts_a_lower_one_which_waits_again_without_a_
         lambda: (s := cluster.status("low")).get("attempts") == 2 and s, what="the low job's second attempt"
     )
     assert again.get("failures", 0) == 0 and again["preemptions"] == 1
+
+
+def test_a_restarted_operator_rebuilds_usage_from_the_statuses_and_never_over_admits(
+    operator: OperatorProcess, cluster: Cluster, make_queue: QueueMaker
+) -> None:
+    queue = make_queue({"nvidia.com/gpu": 1})
+    cluster.create_job("held", {"type": "train_lora", "gpus": 1, "queue": queue})
+    cluster.wait_pod("held", 1)
+    cluster.wait_until(lambda: cluster.status("held").get("admission"), what="the admission in the status")
+    operator.kill()  # no goodbye: the next one knows only what the API says
+    cluster.create_job("later", {"type": "train_lora", "gpus": 1, "queue": queue})
+    operator.start()
+    cluster.wait_until(
+        lambda: cluster.status("later").get("reason") == Reason.QUOTA_EXCEEDED, what="the new job to wait for quota"
+    )
+    assert not cluster.pods("later") and "admission" not in cluster.status("later")
+    assert len(cluster.pods("held")) == 1
+
+
+def test_a_queue_under_its_quota_reclaims_lent_quota_from_a_borrower(
+    operator: OperatorProcess, cluster: Cluster, make_queue: QueueMaker
+) -> None:
+    lender, borrower = make_queue({"nvidia.com/gpu": 1}), make_queue({"nvidia.com/gpu": 1})
+    pods = {}
+    for name in ("b-1", "b-2"):  # the second one runs on the lender's idle GPU
+        cluster.create_job(name, {"type": "train_lora", "gpus": 1, "queue": borrower})
+        pods[name] = cluster.wait_pod(name, 1).metadata.name
+        cluster.set_pod(pods[name], "Running")
+        cluster.wait_phase(name, Phase.RUNNING)
+    cluster.wait_until(
+        lambda: _queue_status(cluster, borrower).get("borrowed") == {"nvidia.com/gpu": "1"},
+        what="the borrower's status to show the borrowed GPU",
+    )
+    cluster.create_job("owner", {"type": "train_lora", "gpus": 1, "queue": lender})
+
+    def evicted() -> list[str]:
+        return [n for n in pods if cluster.status(n).get("preemptions") == 1 or cluster.status(n).get("preempting")]
+
+    [victim] = cluster.wait_until(evicted, what="one borrower to be preempted")
+    _stop(cluster, pods[victim])
+    cluster.wait_pod("owner", 1)
+    status = cluster.wait_until(
+        lambda: (s := cluster.status(victim)).get("preemptions") == 1 and s, what="the preemption to be counted"
+    )
+    assert status.get("failures", 0) == 0 and status["phase"] == Phase.QUEUED
+    assert [n for n in pods if n != victim and cluster.status(n)["phase"] == Phase.RUNNING]

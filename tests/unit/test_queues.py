@@ -83,3 +83,17 @@ def test_the_gate_is_none_without_queues_or_without_spec_queue() -> None:
     assert manager.gate(("ml", "j"), GpuJobSpec.model_validate({"type": "custom"})) is None
     manager.queue_event("DELETED", queue("a"))
     assert manager.gate(("ml", "j"), in_queue) is None
+
+
+def test_workloads_are_parsed_again_only_when_the_job_changed() -> None:
+    store = Store()
+    manager = QueueManager(store, on_change=lambda key: None)
+    store.put_job(job("a", {"queue": "q", "priority": 1}, resourceVersion="1"))
+    store.put_job(job("b", {}, resourceVersion="1"))
+    [first] = manager._workloads()
+    assert first.priority == 1 and manager._workloads()[0] is first
+    store.put_job(job("a", {"queue": "q", "priority": 2}, resourceVersion="2"))
+    [second] = manager._workloads()
+    assert second.priority == 2
+    store.drop_job(("ml", "a"))
+    assert manager._workloads() == [] and manager._memo == {}

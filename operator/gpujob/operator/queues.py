@@ -130,6 +130,8 @@ class QueueManager:
     _gates: dict[JobKey, QueueGate] = field(default_factory=dict)
     _written: dict[str, dict[str, Any]] = field(default_factory=dict)  # queue status last written, per queue
     _dirty: asyncio.Event = field(default_factory=asyncio.Event)
+    # Workloads by job, kept while the job's version is the same (a plan parses only what changed).
+    _memo: dict[JobKey, tuple[tuple[str, str], Workload | None]] = field(default_factory=dict)
 
     # --- inputs
     async def list_queues(self) -> None:
@@ -183,7 +185,7 @@ class QueueManager:
             for key in waiting:
                 self.on_change(key)
             return
-        workloads = [w for key, job in list(self.store.jobs.items()) if (w := workload_of(key, job)) is not None]
+        workloads = self._workloads()
         result = plan(self.queues, workloads)
         by_key = {w.key: w for w in workloads}
         for admitted in result.admit:
@@ -202,6 +204,19 @@ class QueueManager:
             if self._written.get(name) != status:
                 await kube.patch_gpuqueue_status(name, status)
                 self._written[name] = status
+
+    def _workloads(self) -> list[Workload]:
+        memo: dict[JobKey, tuple[tuple[str, str], Workload | None]] = {}
+        for key, job in list(self.store.jobs.items()):
+            if not (job.get("spec") or {}).get("queue"):
+                continue
+            meta = job.get("metadata") or {}
+            stamp = (meta.get("uid", ""), meta.get("resourceVersion", ""))
+            held = self._memo.get(key)
+            fresh = held is not None and held[0] == stamp and bool(stamp[1])
+            memo[key] = (stamp, held[1] if held is not None and fresh else workload_of(key, job))
+        self._memo = memo
+        return [w for _, w in memo.values() if w is not None]
 
     async def _admit(self, w: Workload) -> None:
         """Write the admission (before any Pod exists), file the stored job, and have it reconciled."""
