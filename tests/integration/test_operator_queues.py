@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from gpujob.api.constants import GROUP, VERSION, Phase, Reason
@@ -171,6 +172,15 @@ def test_a_higher_priority_job_preempts_a_lower_one_which_waits_again_without_a_
         lambda: (s := cluster.status("low")).get("attempts") == 2 and s, what="the low job's second attempt"
     )
     assert again.get("failures", 0) == 0 and again["preemptions"] == 1
+
+    # What `kubectl describe gj low` tells: admitted, preempted (by whom), queued again (why), admitted again.
+    events = client.EventsV1Api(cluster.core.api_client)
+
+    def reasons() -> set[str]:
+        found = events.list_namespaced_event(cluster.namespace).items
+        return {e.reason for e in found if e.regarding and e.regarding.name == "low"}
+
+    cluster.wait_until(lambda: {"Admitted", "Preempted", "Queued"} <= reasons(), what="the queue's Events")
 
 
 def test_a_restarted_operator_rebuilds_usage_from_the_statuses_and_never_over_admits(

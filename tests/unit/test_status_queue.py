@@ -127,3 +127,24 @@ def test_a_job_that_succeeded_while_being_preempted_succeeds() -> None:
     }
     d = step(body, [pod(1, "Succeeded", exit_code=0)], FULL)
     assert d.status.phase is Phase.SUCCEEDED and d.status.preemptions == 0
+
+
+def test_queue_events_follow_the_admitted_condition_not_each_position() -> None:
+    from gpujob.api.constants import EventReason
+    from gpujob.operator.kevents import events_for
+
+    def events(body: dict[str, Any], pods: list[Any], gate: QueueGate | None) -> list[tuple[str, str]]:
+        d = decide(body, pods, T0, gate=gate)
+        assert d.previous is not None
+        out = events_for(d.previous, d, 1)
+        body["status"] = d.status.wire()
+        return [(e.reason, e.note) for e in out]
+
+    body = job({"queue": "team-a"})
+    assert events(body, [], FULL) == [(EventReason.QUEUED, "QuotaExceeded: position 2 in queue 'team-a'")]
+    assert events(body, [], QueueGate("QuotaExceeded", 1, "position 1 in queue 'team-a'")) == []
+    body["status"]["admission"] = ADMISSION
+    assert [r for r, _ in events(body, [], FULL)] == [EventReason.ADMITTED, EventReason.ATTEMPT_STARTED]
+    body["status"]["preempting"] = {"by": "ml/urgent", "since": iso(T0)}
+    assert [r for r, _ in events(body, [pod(1, "Running", node_name="n")], FULL)] == [EventReason.PREEMPTED]
+    assert events(body, [], FULL) == []  # stopped: the same condition, no new Event

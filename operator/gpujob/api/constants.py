@@ -155,6 +155,9 @@ class EventReason(StrEnum):
     RESUMED = "Resumed"
     CANCELLED = "Cancelled"
     SPEC_CHANGED = "SpecChanged"  # the spec changed under a live attempt: it applies to the next attempt
+    QUEUED = "Queued"  # the job's queue has not admitted it (the note says why: QuotaExceeded, QueueNotFound, ...)
+    ADMITTED = "Admitted"  # the job's queue admitted it: its Pod follows
+    PREEMPTED = "Preempted"  # its queue evicted it for another job: the Pod stops gracefully, the job waits again
 
 
 class ExitCode:

@@ -64,7 +64,7 @@ def _because(reason: str | None, message: str) -> str:
 def events_for(old: GpuJobStatus, decision: Decision, generation: int | None) -> list[EventSpec]:
     """The Events of one written status (pure): `old` is the status the pass started from."""
     new = decision.status
-    out: list[EventSpec] = []
+    out: list[EventSpec] = _queue_events(old, new)  # admitted (before its attempt), queued, preempted
     if decision.create_attempt is not None:
         cause = None  # why this attempt: a retry, a resume, the last Pod deleted or evicted from outside
         if new.message and new.message != "Pod created":
@@ -107,6 +107,22 @@ def events_for(old: GpuJobStatus, decision: Decision, generation: int | None) ->
         note = SPEC_CHANGE_NOTE.format(generation=generation, attempt=new.attempts, phase=new.phase.value.lower())
         out.append(EventSpec(NORMAL, EventReason.SPEC_CHANGED, "Observe", note))
     return out
+
+
+def _queue_events(old: GpuJobStatus, new: GpuJobStatus) -> list[EventSpec]:
+    """Queue admission (docs/queues.md), from the Admitted condition: an Event when its status or reason changes
+    (not for each new position), none for a suspend (the Suspended Event says it)."""
+    was = next((c for c in old.conditions if c.type == ConditionType.ADMITTED), None)
+    now = next((c for c in new.conditions if c.type == ConditionType.ADMITTED), None)
+    if now is None or (was is not None and (was.status, was.reason) == (now.status, now.reason)):
+        return []
+    if now.status == "True":
+        return [EventSpec(NORMAL, EventReason.ADMITTED, "Admit", now.message)]
+    if now.reason == Reason.PREEMPTED:
+        return [EventSpec(NORMAL, EventReason.PREEMPTED, "Preempt", now.message)]
+    if now.reason == Reason.SUSPENDED:
+        return []
+    return [EventSpec(NORMAL, EventReason.QUEUED, "Admit", _because(now.reason, now.message))]
 
 
 def micro_time(moment: datetime) -> str:
