@@ -337,6 +337,26 @@ async def patch_gpujob_status(
         raise
 
 
+async def list_gpujobs(namespaces: list[str] | None, limit: int = 500) -> AsyncIterator[list[dict[str, Any]]]:
+    """Raw GpuJob dicts (all namespaces when `namespaces` is None), one `continue` page at a time."""
+    custom: Any = client.CustomObjectsApi(await api_client())
+    for namespace in list(namespaces) if namespaces else [None]:
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"limit": limit, "_preload_content": False}
+            if token:
+                kwargs["_continue"] = token
+            if namespace is None:
+                call = partial(custom.list_cluster_custom_object, GROUP, VERSION, PLURAL, **kwargs)
+            else:
+                call = partial(custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, **kwargs)
+            page = await with_retries(partial(_read_call, call))
+            token = (page.get("metadata") or {}).get("continue")
+            yield page.pop("items", None) or []
+            if not token:
+                break
+
+
 async def list_gpuqueues() -> list[dict[str, Any]] | None:
     """Every GpuQueue (cluster-scoped), or None when the GpuQueue CRD is not installed (no queues, as before)."""
     custom: Any = client.CustomObjectsApi(await api_client())

@@ -227,3 +227,58 @@ def test_a_queue_under_its_quota_reclaims_lent_quota_from_a_borrower(
     )
     assert status.get("failures", 0) == 0 and status["phase"] == Phase.QUEUED
     assert [n for n in pods if n != victim and cluster.status(n)["phase"] == Phase.RUNNING]
+
+
+def test_operator_kills_during_admission_never_admit_past_the_quota(
+    operator: OperatorProcess, cluster: Cluster, make_queue: QueueMaker
+) -> None:
+    """The API's view, sampled all along: never more admitted (and live) jobs, nor live Pods, than the quota,
+    while the operator is SIGKILLed and restarted in the middle of admitting and finishing jobs."""
+    import threading
+
+    queue = make_queue({"nvidia.com/gpu": 2})
+    names = [f"burst-{i}" for i in range(6)]
+    for name in names:
+        cluster.create_job(name, {"type": "train_lora", "gpus": 1, "queue": queue})
+    seen: list[tuple[int, int]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            jobs = cluster.custom.list_namespaced_custom_object(GROUP, VERSION, cluster.namespace, "gpujobs")["items"]
+            admitted = sum(
+                1
+                for j in jobs
+                if (j.get("status") or {}).get("admission") and (j.get("status") or {}).get("phase") != "Succeeded"
+            )
+            live = sum(
+                1
+                for p in cluster.core.list_namespaced_pod(cluster.namespace).items
+                if p.status.phase in ("Pending", "Running") and p.metadata.deletion_timestamp is None
+            )
+            seen.append((admitted, live))
+            stop.wait(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        done: set[str] = set()
+        while len(done) < len(names):
+            running = [n for n in names if n not in done and cluster.pods(n)]
+            for name in running[:1]:
+                pod = cluster.wait_pod(name, 1).metadata.name
+                cluster.set_pod(pod, "Succeeded", exit_code=0)
+                cluster.wait_phase(name, Phase.SUCCEEDED)
+                done.add(name)
+                if len(done) % 2 == 1:  # mid-stream: the next admission is being decided right now
+                    operator.kill()
+                    operator.start()
+            if not running:
+                cluster.wait_until(
+                    lambda: any(cluster.pods(n) for n in names if n not in done), what="the next admission"
+                )
+    finally:
+        stop.set()
+        sampler.join(10)
+    assert seen and max(a for a, _ in seen) <= 2 and max(live for _, live in seen) <= 2, max(seen)
+    assert max(a for a, _ in seen) == 2, "the quota was used"

@@ -97,3 +97,31 @@ def test_workloads_are_parsed_again_only_when_the_job_changed() -> None:
     assert second.priority == 2
     store.drop_job(("ml", "a"))
     assert manager._workloads() == [] and manager._memo == {}
+
+
+def test_admitted_jobs_listed_at_start_up_count_until_kopf_delivers_them(monkeypatch: Any) -> None:
+    """A plan made before kopf has delivered an earlier-admitted job must still count its usage."""
+    import asyncio
+    from collections.abc import AsyncIterator
+
+    from gpujob import kube
+
+    held = job("held", {"queue": "a", "gpus": 2}, {"admission": {"queue": "a", "admittedAt": T0}}, resourceVersion="5")
+
+    async def queues() -> list[dict[str, Any]]:
+        return [queue("a")]
+
+    async def jobs(namespaces: list[str] | None) -> AsyncIterator[list[dict[str, Any]]]:
+        yield [held, job("waiting", {"queue": "a"})]
+
+    monkeypatch.setattr(kube, "list_gpuqueues", queues)
+    monkeypatch.setattr(kube, "list_gpujobs", jobs)
+    store = Store()
+    manager = QueueManager(store, on_change=lambda key: None)
+    asyncio.run(manager.list_queues(None))
+    store.put_job(job("new", {"queue": "a"}, resourceVersion="6"))  # delivered first
+    keys = {w.key: w.admitted for w in manager._workloads()}
+    assert keys == {"ml/held": True, "ml/new": False}
+    assert plan(manager.queues, manager._workloads()).admit == [], "the quota (2) is used by the listed job"
+    store.put_job(held)  # kopf delivers it: the store's copy counts, the baseline goes
+    assert {w.key for w in manager._workloads()} == {"ml/held", "ml/new"} and manager._baseline == {}

@@ -132,13 +132,27 @@ class QueueManager:
     _dirty: asyncio.Event = field(default_factory=asyncio.Event)
     # Workloads by job, kept while the job's version is the same (a plan parses only what changed).
     _memo: dict[JobKey, tuple[tuple[str, str], Workload | None]] = field(default_factory=dict)
+    # Admitted jobs listed at start-up that kopf has not delivered yet (counted until it has, or they are gone).
+    _baseline: dict[JobKey, Workload] = field(default_factory=dict)
 
     # --- inputs
-    async def list_queues(self) -> None:
+    async def list_queues(self, namespaces: list[str] | None) -> None:
         """Know every GpuQueue before the first reconcile (start-up): a job naming a queue is never admitted at
-        once just because the queues were not listed yet. No GpuQueue CRD: no queues."""
+        once just because the queues were not listed yet. No GpuQueue CRD: no queues. With queues, also every
+        admitted job (the baseline): kopf delivers the jobs one by one after start-up, and a plan made before it
+        has delivered one admitted earlier would not count that one's usage."""
         for body in await kube.list_gpuqueues() or []:
             self.queue_event("ADDED", body)
+        if not self.queues:
+            return
+        baseline: dict[JobKey, Workload] = {}
+        async for page in kube.list_gpujobs(namespaces):
+            for body in page:
+                meta = body.get("metadata") or {}
+                key: JobKey = (meta.get("namespace", ""), meta.get("name", ""))
+                if (w := workload_of(key, body)) is not None and w.admitted:
+                    baseline[key] = w
+        self._baseline = baseline
 
     def queue_event(self, event_type: str | None, body: dict[str, Any]) -> None:
         name = (body.get("metadata") or {}).get("name", "")
@@ -154,6 +168,8 @@ class QueueManager:
         """A GpuJob event or a status write: plan again if the job is (or was) in a queue."""
         meta = job.get("metadata") or {}
         key: JobKey = (meta.get("namespace", ""), meta.get("name", ""))
+        if key not in self.store.jobs:  # deleted: its start-up baseline, if any, goes too
+            self._baseline.pop(key, None)
         if (job.get("spec") or {}).get("queue") or key in self._gates or (job.get("status") or {}).get("admission"):
             self.poke()
 
@@ -216,7 +232,8 @@ class QueueManager:
             fresh = held is not None and held[0] == stamp and bool(stamp[1])
             memo[key] = (stamp, held[1] if held is not None and fresh else workload_of(key, job))
         self._memo = memo
-        return [w for _, w in memo.values() if w is not None]
+        self._baseline = {key: w for key, w in self._baseline.items() if key not in self.store.jobs}
+        return [w for _, w in memo.values() if w is not None] + list(self._baseline.values())
 
     async def _admit(self, w: Workload) -> None:
         """Write the admission (before any Pod exists), file the stored job, and have it reconciled."""

@@ -172,7 +172,7 @@ class Runtime:
         delay = 0.5
         while True:
             try:
-                await self.queues.list_queues()
+                await self.queues.list_queues(self.namespaces)
             except Exception as exc:
                 log.warning("start-up queue list failed, retrying", error=kube.message_of(exc), retry_in=delay)
                 await asyncio.sleep(delay)
