@@ -358,14 +358,16 @@ async def list_gpujobs(namespaces: list[str] | None, limit: int = 500) -> AsyncI
 
 
 async def list_gpuqueues() -> list[dict[str, Any]] | None:
-    """Every GpuQueue (cluster-scoped), or None when the GpuQueue CRD is not installed (no queues, as before)."""
+    """Every GpuQueue (cluster-scoped), or None when the GpuQueue CRD is not installed or may not be read (an
+    install whose RBAC predates queues): then there are no queues, as before them."""
     custom: Any = client.CustomObjectsApi(await api_client())
     try:
         listed = await _read(
             await custom.list_cluster_custom_object(GROUP, VERSION, QUEUE_PLURAL, _preload_content=False)
         )
     except ApiException as exc:
-        if exc.status == 404:
+        if exc.status in (403, 404):
+            log.warning("GpuQueues not readable (%s %s): no queues", exc.status, exc.reason)
             return None
         raise
     items: list[dict[str, Any]] = listed.get("items") or []
