@@ -312,7 +312,7 @@ async def test_submit_and_cancel_from_the_command_line(
 ) -> None:
     done = cli(redis_url, "submit", "-t", "train_lora", "--job-id", "cli-1", "-p", "epochs=3", "-p", "baseModel=m",
                "-p", 'dataset={"text": ["x"]}',
-               "--gpus", "2", "--priority", "gpu-high")  # fmt: skip
+               "--gpus", "2", "--priority-class-name", "gpu-high", "--queue", "team-a", "--priority", "5")  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "cli-1"
     from_file = cli(redis_url, "submit", "--file", str(EXAMPLES / "render-video.yaml"))
@@ -327,6 +327,11 @@ async def test_submit_and_cancel_from_the_command_line(
         assert (
             job["spec"]["params"] == {"epochs": 3, "baseModel": "m", "dataset": {"text": ["x"]}}
             and job["spec"]["gpus"] == 2
+        )
+        assert (job["spec"]["priorityClassName"], job["spec"]["queue"], job["spec"]["priority"]) == (
+            "gpu-high",
+            "team-a",
+            5,
         )
         assert job["spec"]["priorityClassName"] == "gpu-high"
         assert job["metadata"]["annotations"][Annotation.REQUEST_ID] == redis_client.xrange(STREAM)[0][0]

@@ -141,7 +141,9 @@ def submit_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int)
     p.add_argument("--image")
     p.add_argument("--namespace", "-n")
-    p.add_argument("--priority")
+    p.add_argument("--queue", help="GpuQueue name (spec.queue)")
+    p.add_argument("--priority", type=int, help="order in the queue, higher first (spec.priority, default 0)")
+    p.add_argument("--priority-class-name", help="Kubernetes PriorityClass of the job's Pods")
     p.add_argument("--cancel", metavar="JOBID", help="request the cancel of this job instead")
     return p
 
@@ -157,8 +159,9 @@ def build_request(args: argparse.Namespace) -> tuple[Action, dict[str, Any]]:
     if args.params:
         params.update(json.loads(args.params))
     params.update(dict(args.param))
-    for key, value in (("type", args.type), ("gpus", args.gpus), ("image", args.image),
-                       ("namespace", args.namespace), ("priority", args.priority)):  # fmt: skip
+    for key, value in (("type", args.type), ("gpus", args.gpus), ("image", args.image), ("namespace", args.namespace),
+                       ("queue", args.queue), ("priority", args.priority),
+                       ("priorityClassName", args.priority_class_name)):  # fmt: skip
         if value is not None:
             data[key] = value
     if params:
