@@ -212,6 +212,18 @@ def is_status(exc: BaseException, *codes: int) -> bool:
     return isinstance(exc, ApiException) and exc.status in codes
 
 
+async def _write(call: Awaitable[Any], done: Effect, already: Effect, *already_codes: int) -> Effect:
+    """Await a write: `done`, or `already` when the API server answers one of `already_codes` (409 on a create:
+    it exists; 404 on a patch or delete: it is gone)."""
+    try:
+        await call
+    except ApiException as exc:
+        if exc.status in already_codes:
+            return already
+        raise
+    return done
+
+
 async def create_pod(namespace: str, body: dict[str, Any]) -> tuple[Effect, dict[str, Any] | None]:
     """Create a Pod; returns the created object as the API server stored it (None if it already existed)."""
     api = await api_client()
@@ -266,24 +278,22 @@ async def get_pod(namespace: str, name: str) -> dict[str, Any] | None:
 
 async def delete_pod(namespace: str, name: str, grace_seconds: int | None = None) -> Effect:
     core: Any = client.CoreV1Api(await api_client())  # stubs don't accept dict bodies
-    try:
-        await core.delete_namespaced_pod(name, namespace, grace_period_seconds=grace_seconds)
-    except ApiException as exc:
-        if exc.status == 404:
-            return Effect.ABSENT
-        raise
-    return Effect.DELETED
+    return await _write(
+        core.delete_namespaced_pod(name, namespace, grace_period_seconds=grace_seconds),
+        Effect.DELETED,
+        Effect.ABSENT,
+        404,
+    )
 
 
 async def create_gpujob(namespace: str, body: dict[str, Any]) -> Effect:
     custom: Any = client.CustomObjectsApi(await api_client())
-    try:
-        await custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
-    except ApiException as exc:
-        if exc.status == 409:
-            return Effect.EXISTED
-        raise
-    return Effect.CREATED
+    return await _write(
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body),
+        Effect.CREATED,
+        Effect.EXISTED,
+        409,
+    )
 
 
 async def get_gpujob(namespace: str, name: str) -> dict[str, Any] | None:
@@ -301,13 +311,12 @@ async def patch_gpujob(namespace: str, name: str, patch: dict[str, Any], *, stat
     """JSON merge-patch of a GpuJob (or its status subresource); 404 = the job is gone."""
     custom: Any = client.CustomObjectsApi(await api_client())
     method = custom.patch_namespaced_custom_object_status if status else custom.patch_namespaced_custom_object
-    try:
-        await method(GROUP, VERSION, namespace, PLURAL, name, patch, _content_type="application/merge-patch+json")
-    except ApiException as exc:
-        if exc.status == 404:
-            return Effect.ABSENT
-        raise
-    return Effect.PATCHED
+    return await _write(
+        method(GROUP, VERSION, namespace, PLURAL, name, patch, _content_type="application/merge-patch+json"),
+        Effect.PATCHED,
+        Effect.ABSENT,
+        404,
+    )
 
 
 async def patch_gpujob_status(
@@ -377,15 +386,14 @@ async def list_gpuqueues() -> list[dict[str, Any]] | None:
 async def patch_gpuqueue_status(name: str, status: dict[str, Any]) -> Effect:
     """Merge-patch a GpuQueue's status subresource (its usage, as the queue manager derives it); 404 = gone."""
     custom: Any = client.CustomObjectsApi(await api_client())
-    try:
-        await custom.patch_cluster_custom_object_status(
+    return await _write(
+        custom.patch_cluster_custom_object_status(
             GROUP, VERSION, QUEUE_PLURAL, name, {"status": status}, _content_type="application/merge-patch+json"
-        )
-    except ApiException as exc:
-        if exc.status == 404:
-            return Effect.ABSENT
-        raise
-    return Effect.PATCHED
+        ),
+        Effect.PATCHED,
+        Effect.ABSENT,
+        404,
+    )
 
 
 async def delete_gpujob(namespace: str, name: str, uid: str | None = None) -> Effect:
@@ -393,36 +401,30 @@ async def delete_gpujob(namespace: str, name: str, uid: str | None = None) -> Ef
     another uid, and the API server answers 409, taken here as "already gone")."""
     custom: Any = client.CustomObjectsApi(await api_client())
     body = {"preconditions": {"uid": uid}} if uid else None
-    try:
-        await custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, body=body)
-    except ApiException as exc:
-        if exc.status == 404 or (uid and exc.status == 409):
-            return Effect.ABSENT
-        raise
-    return Effect.DELETED
+    return await _write(
+        custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, body=body),
+        Effect.DELETED,
+        Effect.ABSENT,
+        *((404, 409) if uid else (404,)),
+    )
 
 
 async def create_event(namespace: str, body: dict[str, Any]) -> Effect:
     """Create an events.k8s.io/v1 Event (409: one of that name exists, i.e. already posted)."""
     events: Any = client.EventsV1Api(await api_client())
-    try:
-        await events.create_namespaced_event(namespace, body, _preload_content=False)
-    except ApiException as exc:
-        if exc.status == 409:
-            return Effect.EXISTED
-        raise
-    return Effect.CREATED
+    return await _write(
+        events.create_namespaced_event(namespace, body, _preload_content=False), Effect.CREATED, Effect.EXISTED, 409
+    )
 
 
 async def patch_event(namespace: str, name: str, patch: dict[str, Any]) -> Effect:
     """Merge-patch an events.k8s.io/v1 Event (a series' count and last time); 404 = it expired or was deleted."""
     events: Any = client.EventsV1Api(await api_client())
-    try:
-        await events.patch_namespaced_event(
+    return await _write(
+        events.patch_namespaced_event(
             name, namespace, patch, _content_type="application/merge-patch+json", _preload_content=False
-        )
-    except ApiException as exc:
-        if exc.status == 404:
-            return Effect.ABSENT
-        raise
-    return Effect.PATCHED
+        ),
+        Effect.PATCHED,
+        Effect.ABSENT,
+        404,
+    )
