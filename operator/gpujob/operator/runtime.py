@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -154,31 +154,17 @@ class Runtime:
         """Know every Pod before the first reconcile, so a Pod not yet seen is never taken for a deleted one.
         Page by page (each page retried on its own), so 10,000 full Pod bodies are never held at once; the whole
         list is retried until it succeeds (filing a Pod twice is harmless)."""
-        delay = 0.5
-        while True:
-            try:
-                async for page in kube.list_pods(self.namespaces, POD_SELECTOR):
-                    for pod in page:
-                        self.store.put_pod(pod)
-            except Exception as exc:
-                log.warning("start-up pod list failed, retrying", error=kube.message_of(exc), retry_in=delay)
-                await asyncio.sleep(delay)
-                delay = min(STARTUP_RETRY_CAP_SECONDS, delay * 2)
-            else:
-                return
+
+        async def file_pods() -> None:
+            async for page in kube.list_pods(self.namespaces, POD_SELECTOR):
+                for pod in page:
+                    self.store.put_pod(pod)
+
+        await until_done("start-up pod list", file_pods)
 
     async def _list_queues(self) -> None:
         """Know every GpuQueue before the first reconcile (retried as the Pod list is)."""
-        delay = 0.5
-        while True:
-            try:
-                await self.queues.list_queues(self.namespaces)
-            except Exception as exc:
-                log.warning("start-up queue list failed, retrying", error=kube.message_of(exc), retry_in=delay)
-                await asyncio.sleep(delay)
-                delay = min(STARTUP_RETRY_CAP_SECONDS, delay * 2)
-            else:
-                return
+        await until_done("start-up queue list", lambda: self.queues.list_queues(self.namespaces))
 
     def watching(self) -> bool:
         """kopf's watchers run: start-up has succeeded, the operator is not stopping, and there is a live
@@ -314,3 +300,17 @@ class Runtime:
 def _log_crash(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and (exc := task.exception()) is not None:
         log.error("background task crashed", task=task.get_name(), error=repr(exc), exc_info=exc)
+
+
+async def until_done(what: str, call: Callable[[], Awaitable[None]]) -> None:
+    """`call()` until it succeeds, logging each failure and backing off up to STARTUP_RETRY_CAP_SECONDS."""
+    delay = 0.5
+    while True:
+        try:
+            await call()
+        except Exception as exc:
+            log.warning(f"{what} failed, retrying", error=kube.message_of(exc), retry_in=delay)
+            await asyncio.sleep(delay)
+            delay = min(STARTUP_RETRY_CAP_SECONDS, delay * 2)
+        else:
+            return
