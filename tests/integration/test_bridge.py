@@ -15,18 +15,11 @@ from gpujob.api.naming import job_name
 from gpujob.api.request import InvalidEntry, parse_entry
 from gpujob.bridge.intake import gpujob_body
 from gpujob.sandbox.procs import RedisServer
-from tests.support.bridge import bridge_settings, eventually, request, running_bridge
+from tests.support.bridge import bridge_settings, eventually, pending, request, running_bridge
 from tests.support.kubernetes import ApiTarget
 from tests.support.operator import Cluster
 
 STREAM, GROUP, DEAD = "gpujobs:requests", "gpujob-operator", "gpujobs:requests:dead"
-
-
-def pending(r: redis.Redis) -> int:
-    try:
-        return int(r.xpending(STREAM, GROUP)["pending"])
-    except redis.ResponseError:
-        return 0
 
 
 def jobs(cluster: Cluster) -> list[dict[str, Any]]:

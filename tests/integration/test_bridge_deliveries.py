@@ -21,7 +21,7 @@ from gpujob.api.request import Entry
 from gpujob.bridge import intake
 from gpujob.bridge.intake import Bridge
 from gpujob.sandbox.kubeconfig import write_kubeconfig
-from tests.support.bridge import bridge_settings, eventually, request, running_bridge
+from tests.support.bridge import bridge_settings, eventually, pending, request, running_bridge
 from tests.support.operator import Cluster
 
 STREAM, CGROUP, DEAD = "gpujobs:requests", "gpujob-operator", "gpujobs:requests:dead"
@@ -34,13 +34,6 @@ def deliveries(r: redis.Redis, entry_id: str) -> int:
     except redis.ResponseError:  # no group yet
         return 0
     return int(rows[0]["times_delivered"]) if rows else 0
-
-
-def pending(r: redis.Redis) -> int:
-    try:
-        return int(r.xpending(STREAM, CGROUP)["pending"])
-    except redis.ResponseError:  # no group yet
-        return 0
 
 
 def gpujobs(cluster: Cluster) -> list[str]:

@@ -34,20 +34,13 @@ from gpujob.bridge.intake import Bridge
 from gpujob.sandbox import EmulatorThread
 from gpujob.sandbox.faults import RequestKey
 from gpujob.sandbox.procs import RedisServer, free_port
-from tests.support.bridge import bridge_settings, eventually, request, running_bridge
+from tests.support.bridge import bridge_settings, eventually, pending, request, running_bridge
 from tests.support.operator import Cluster
 
 STREAM, CGROUP, DEAD = "gpujobs:requests", "gpujob-operator", "gpujobs:requests:dead"
 CREATE_GPUJOB = RequestKey("create", GROUP, PLURAL, "", True)
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 CRD = Path(__file__).resolve().parents[2] / "crds" / "gpujob.yaml"
-
-
-def pending(r: redis.Redis) -> int:
-    try:
-        return int(r.xpending(STREAM, CGROUP)["pending"])
-    except redis.ResponseError:  # no group yet
-        return 0
 
 
 def job_names(cluster: Cluster) -> list[str]:

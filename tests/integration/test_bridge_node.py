@@ -4,19 +4,16 @@ catches up from the latest state, then follows, without duplicates or gaps; and 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import redis
 
 from gpujob.events import SyncEventPublisher, make_event
 from gpujob.settings import Settings
+from tests.support.node import NODE_DIR, lines_until_ready, node_backend
 
 ROOT = Path(__file__).resolve().parents[2]
-NODE_DIR = ROOT / "tests" / "node"
 README = ROOT / "operator" / "gpujob" / "bridge" / "README.md"
 
 
@@ -28,22 +25,12 @@ def test_readme_shows_the_tested_node_client() -> None:
 
 
 def test_late_node_backend_catches_up_then_follows(redis_url: str, redis_client: redis.Redis) -> None:
-    node = shutil.which("node")
-    assert node, "node is required for the backend contract test"
-    assert (NODE_DIR / "node_modules" / "redis").is_dir(), "run `make setup` (npm install in tests/node)"
     publisher = SyncEventPublisher(redis_client, Settings(redis_url=redis_url))
     for status, progress in (("queued", 0.0), ("scheduled", 0.0), ("running", 40.0)):
         publisher.publish(make_event("late-js", status, progress, phase=status.capitalize(), attempt=1))
-    env = {**os.environ, "REDIS_URL": redis_url, "JOB_ID": "late-js", "TIMEOUT_MS": "30000"}
-    backend = subprocess.Popen([node, "catchup.test.mjs"], cwd=NODE_DIR, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    backend = node_backend("catchup.test.mjs", REDIS_URL=redis_url, JOB_ID="late-js", TIMEOUT_MS="30000")
     try:
-        assert backend.stdout is not None
-        lines = []
-        for line in backend.stdout:
-            lines.append(line.strip())
-            if line.strip() == "READY":
-                break
+        lines = lines_until_ready(backend)
         [(_, fields)] = redis_client.xrange("gpujobs:requests")
         assert json.loads(fields["job"])["jobId"] == "late-js", "the backend submitted after catching up"
         publisher.publish(make_event("late-js", "running", 60.0, "Epoch 2/2", phase="Running", attempt=1))

@@ -15,7 +15,7 @@ from gpujob.api.constants import GROUP as API_GROUP
 from gpujob.api.constants import PLURAL, VERSION
 from gpujob.api.request import Action, Entry, RequestOutcome
 from gpujob.bridge.intake import REMEMBER_SECONDS, Bridge
-from tests.support.bridge import bridge_settings, eventually, request, running_bridge
+from tests.support.bridge import bridge_settings, eventually, pending, request, running_bridge
 from tests.support.kubernetes import ApiTarget
 from tests.support.operator import Cluster
 
@@ -24,13 +24,6 @@ STREAM, GROUP, DEAD = "gpujobs:requests", "gpujob-operator", "gpujobs:requests:d
 
 def cancel(job_id: str) -> dict[str, str]:
     return {"job": json.dumps({"jobId": job_id}), "action": "cancel"}
-
-
-def pending(r: redis.Redis) -> int:
-    try:
-        return int(r.xpending(STREAM, GROUP)["pending"])
-    except redis.ResponseError:
-        return 0
 
 
 async def test_a_cancel_before_its_submit_makes_the_gpujob_cancelled(

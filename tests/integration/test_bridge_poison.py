@@ -14,7 +14,7 @@ import redis
 from gpujob.api.models import MAX_PARAMS_DEPTH
 from gpujob.api.naming import job_name
 from gpujob.bridge.reading import MAX_READ_BYTES, PREVIEW_BYTES
-from tests.support.bridge import bridge_settings, eventually, request, running_bridge
+from tests.support.bridge import bridge_settings, eventually, pending, request, running_bridge
 from tests.support.kubernetes import ApiTarget
 from tests.support.operator import Cluster
 
@@ -23,13 +23,6 @@ STREAM, GROUP, DEAD = "gpujobs:requests", "gpujob-operator", "gpujobs:requests:d
 
 def raw_client(redis_url: str) -> redis.Redis:
     return redis.Redis.from_url(redis_url)  # bytes in, bytes out
-
-
-def pending(r: redis.Redis) -> int:
-    try:
-        return int(r.xpending(STREAM, GROUP)["pending"])
-    except redis.ResponseError:
-        return 0
 
 
 def nested(depth: int) -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -20,9 +19,8 @@ from gpujob.api.events import ProgressEvent
 from gpujob.events import SyncEventPublisher, make_event
 from gpujob.settings import Settings
 from tests.support.bridge import request
+from tests.support.node import node_backend
 from tests.support.operator import Cluster, wait_for
-
-NODE_DIR = Path(__file__).resolve().parents[1] / "node"
 
 
 def subscriber(redis_url: str, job_id: str) -> tuple[list[ProgressEvent], threading.Event]:
@@ -140,13 +138,9 @@ def test_node_backend_submits_and_receives_running_and_succeeded_or_rejected(
     """The README's Node client (tests/node/client.mjs) against the real operator and bridge: a valid request is
     followed to `succeeded`; an invalid one ends with one `rejected` event carrying the dead letter's reason
     (issue 13 item 4: before, a backend that subscribed waited for ever)."""
-    node = shutil.which("node")
-    assert node, "node is required for the backend contract test"
-    assert (NODE_DIR / "node_modules" / "redis").is_dir(), "run `make setup` (npm install in tests/node)"
     operator_factory({"GPUJOB_REDIS_URL": redis_url})
-    env = {**os.environ, "REDIS_URL": redis_url, "JOB_ID": "node-42", "BAD_JOB_ID": "node-bad", "TIMEOUT_MS": "60000"}
-    backend = subprocess.Popen([node, "backend.test.mjs"], cwd=NODE_DIR, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    backend = node_backend("backend.test.mjs", REDIS_URL=redis_url, JOB_ID="node-42", BAD_JOB_ID="node-bad",
+                           TIMEOUT_MS="60000")  # fmt: skip
     try:
         # The kubelet's part: the bridge turns the request into a GpuJob, the operator into a Pod.
         name = cluster.wait_pod("node-42", 1, timeout=30).metadata.name

@@ -6,10 +6,7 @@ test_events.py (tests/node/backend.test.mjs)."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -17,9 +14,9 @@ import redis
 
 from gpujob.events import SyncEventPublisher, make_event
 from gpujob.settings import Settings
+from tests.support.node import NODE_DIR, lines_until_ready, node_backend
 
 ROOT = Path(__file__).resolve().parents[2]
-NODE_DIR = ROOT / "tests" / "node"
 
 
 def test_the_readme_shows_the_tested_node_client() -> None:
@@ -30,21 +27,11 @@ def test_the_readme_shows_the_tested_node_client() -> None:
 
 
 def test_the_node_client_catches_up_after_its_connection_is_killed(redis_url: str, redis_client: redis.Redis) -> None:
-    node = shutil.which("node")
-    assert node, "node is required for the backend contract test"
-    assert (NODE_DIR / "node_modules" / "redis").is_dir(), "run `make setup` (npm install in tests/node)"
     publisher = SyncEventPublisher(redis_client, Settings(redis_url=redis_url))
     publisher.publish(make_event("cut-js", "running", 40.0, phase="Running", attempt=1))
-    env = {**os.environ, "REDIS_URL": redis_url, "JOB_ID": "cut-js", "TIMEOUT_MS": "30000"}
-    backend = subprocess.Popen([node, "catchup.test.mjs"], cwd=NODE_DIR, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    backend = node_backend("catchup.test.mjs", REDIS_URL=redis_url, JOB_ID="cut-js", TIMEOUT_MS="30000")
     try:
-        assert backend.stdout is not None
-        lines = []
-        for line in backend.stdout:
-            lines.append(line.strip())
-            if line.strip() == "READY":
-                break
+        lines = lines_until_ready(backend)
         # Kill the client's Pub/Sub connection and publish the job's end while it is away (not subscribed).
         deadline = time.monotonic() + 10
         while True:

@@ -8,6 +8,8 @@ import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import redis
+
 from gpujob import kube
 from gpujob.bridge.intake import Bridge, intake_client
 from gpujob.settings import Settings
@@ -59,3 +61,11 @@ async def running_bridge(settings: Settings, kind: type[Bridge] = Bridge) -> Asy
         await asyncio.wait_for(task, 15)
         await client.aclose()
         await kube.close()
+
+
+def pending(r: redis.Redis) -> int:
+    """Entries of the intake's consumer group read and not yet acknowledged (0 before the group exists)."""
+    try:
+        return int(r.xpending("gpujobs:requests", "gpujob-operator")["pending"])
+    except redis.ResponseError:  # no group yet
+        return 0
