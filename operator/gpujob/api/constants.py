@@ -121,6 +121,9 @@ class Reason(StrEnum):
     PENDING_TIMEOUT = "PendingTimeout"  # pendingTimeoutSeconds passed and the Pod gave no reason of its own
     POD_DELETED = "PodDeleted"  # deleted or evicted from outside: not the job's own failure
     EVICTED = "Evicted"
+    NODE_REJECTED = "NodeRejected"  # the kubelet refused to admit the Pod (UnexpectedAdmissionError, OutOf<resource>)
+    # Evicted for exceeding the job's own ephemeral-storage limit or an emptyDir sizeLimit: the job's failure.
+    EPHEMERAL_STORAGE_EXCEEDED = "EphemeralStorageExceeded"
     SUSPENDED = "Suspended"
     RESUMED = "Resumed"
     CANCELLED = "Cancelled"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -29,6 +30,22 @@ from gpujob.operator.conventions import parse_time, utf8
 # Pod/container reasons that mean "not this job's fault": the Pod was taken away from outside.
 ALIVE_POD_PHASES = frozenset({PodPhase.PENDING, PodPhase.RUNNING, PodPhase.UNKNOWN})  # a process may still be running
 EXTERNAL_POD_REASONS = frozenset({"Evicted", "Preempting", "Preempted", "Shutdown", "NodeShutdown", "Terminated"})
+# The kubelet evicts a Pod that exceeds its own local storage limits (a container's ephemeral-storage limit, the sum
+# of its containers' limits, an emptyDir sizeLimit) with reason Evicted and one of these messages, and no
+# DisruptionTarget condition: the job wrote more than it asked for, so it is the job's failure (counted, backed
+# off), unlike an eviction for the node's own pressure. (kubelet eviction manager: emptyDirMessageFmt,
+# podEphemeralStorageMessageFmt, containerEphemeralStorageMessageFmt.)
+_STORAGE_LIMIT_MESSAGE = re.compile(
+    r"Usage of EmptyDir volume .* exceeds the limit"
+    r"|Pod ephemeral local storage usage exceeds the total limit"
+    r"|exceeded its local ephemeral storage limit",
+    re.IGNORECASE,
+)
+# The kubelet refuses to admit a Pod the scheduler placed (phase Failed before any container ran): with
+# UnexpectedAdmissionError when a device plugin fails to allocate (e.g. it restarted) and OutOf<resource>
+# (OutOfnvidia.com/gpu, OutOfcpu, ...) when its own count of the node's resources disagrees with the scheduler's.
+# The node's doing, not the job's: a new attempt, not counted.
+_NODE_REJECTION = re.compile(r"UnexpectedAdmissionError|OutOf\S+")
 # The control plane marks a Pod it takes away (scheduler preemption, taint eviction, the Eviction API, Pod GC,
 # the kubelet's node-pressure eviction and node shutdown) with this condition; its status.reason may be unset.
 DISRUPTION_CONDITION = "DisruptionTarget"
@@ -146,9 +163,23 @@ _EXIT_REASONS: dict[int, Reason] = {
 }
 
 
+def storage_limit_exceeded(pod: PodView) -> bool:
+    """Evicted by the kubelet for going over the job's own ephemeral-storage or emptyDir sizeLimit."""
+    return pod.reason == "Evicted" and bool(pod.message) and bool(_STORAGE_LIMIT_MESSAGE.search(pod.message or ""))
+
+
+def rejected_by_node(pod: PodView) -> bool:
+    """Refused by the kubelet's admission (UnexpectedAdmissionError, OutOf<resource>): the node's doing."""
+    return bool(pod.reason) and bool(_NODE_REJECTION.fullmatch(pod.reason or ""))
+
+
 def taken_away(pod: PodView) -> str | None:
     """Why a Failed Pod ended from outside (not the job's failure: the next attempt starts at once, uncounted),
     or None when the job failed by itself."""
+    if storage_limit_exceeded(pod):
+        return None
+    if rejected_by_node(pod):
+        return pod.reason
     if pod.reason in EXTERNAL_POD_REASONS:
         return pod.reason
     if pod.disruption:
@@ -214,6 +245,8 @@ def worker_result(text: str | None) -> tuple[list[Artifact], dict[str, float]]:
 
 
 def failure_reason(pod: PodView) -> tuple[str, str]:
+    if storage_limit_exceeded(pod):
+        return Reason.EPHEMERAL_STORAGE_EXCEEDED, utf8(f"attempt {pod.attempt} evicted by the kubelet: {pod.message}")
     if pod.reason == Reason.DEADLINE_EXCEEDED:
         return Reason.DEADLINE_EXCEEDED, pod.message or "attempt exceeded timeoutSeconds"
     if pod.reason == Reason.OOM_KILLED:

@@ -23,6 +23,8 @@ from gpujob.operator.podview import (
     WAITING_REASONS,
     PodView,
     failure_reason,
+    rejected_by_node,
+    storage_limit_exceeded,
     taken_away,
     worker_result,
 )
@@ -358,12 +360,19 @@ def _observe_pod(b: _Builder, d: Decision, spec: GpuJobSpec, pod: PodView, now: 
         if (taken := taken_away(pod)) is not None:
             if not pod.deleting:
                 d.delete_pods.append(pod.name)
-            restart = Reason.POD_DELETED if taken == "deleted" else Reason.EVICTED
-            _start_attempt(
-                b, d, spec, restart, f"attempt {pod.attempt} {taken}: {pod.message or ''}".rstrip(": "), pods
-            )
+            if rejected_by_node(pod):
+                # The kubelet's reason and message are kept: the status says which node refused and why.
+                restart = Reason.NODE_REJECTED
+                where = f" by node {pod.node_name}" if pod.node_name else ""
+                text = f"attempt {pod.attempt} rejected{where} ({taken}): {pod.message or ''}".rstrip(": ")
+                b.cond(ConditionType.RUNNING, False, restart, text)
+            else:
+                restart = Reason.POD_DELETED if taken == "deleted" else Reason.EVICTED
+                text = f"attempt {pod.attempt} {taken}: {pod.message or ''}".rstrip(": ")
+            _start_attempt(b, d, spec, restart, text, pods)
             return
-        if pod.exit_code == 0:  # the worker succeeded; another container of its Pod (a sidecar) failed
+        if pod.exit_code == 0 and not storage_limit_exceeded(pod):
+            # the worker succeeded; another container of its Pod (a sidecar) failed
             _succeed(b, d, spec, pod, now)
             return
         failure, message = failure_reason(pod)

@@ -1,0 +1,57 @@
+"""The real operator against each API backend, on Pods the kubelet or the cluster takes away (issue 12 items 5, 6,
+13): evictions by kind, Pods stuck terminating, a ResourceQuota that refuses Pods. The test plays the kubelet."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from gpujob.api.constants import Phase, Reason
+from tests.support.operator import Cluster, OperatorProcess
+
+
+def kubelet_ends(cluster: Cluster, pod_name: str, reason: str, message: str, exit_code: int | None) -> None:
+    """Write a Pod's final status as the kubelet does when it evicts it (exit 137) or refuses to admit it (no
+    container ever ran): phase Failed with the kubelet's reason and message on the Pod."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    state: dict[str, Any] = {"waiting": {"reason": "ContainerCreating"}}
+    if exit_code is not None:
+        state = {"terminated": {"exitCode": exit_code, "reason": "Error", "startedAt": now, "finishedAt": now}}
+    container = {"name": "worker", "ready": False, "restartCount": 0, "image": "x", "imageID": "", "state": state}
+    status = {"phase": "Failed", "reason": reason, "message": message, "containerStatuses": [container]}
+    cluster.core.patch_namespaced_pod_status(pod_name, cluster.namespace, {"status": status})
+
+
+def test_evictions_by_kind_storage_limit_counts_node_rejection_does_not(
+    operator: OperatorProcess, cluster: Cluster
+) -> None:
+    """Item 5: Evicted for the job's own ephemeral-storage limit is its failure (counted, backed off, ends in
+    Failed); OutOf<resource> from the kubelet's admission is the node's (a new attempt, not counted, the
+    kubelet's message kept)."""
+    storage = "Pod ephemeral local storage usage exceeds the total limit of containers 8Gi. "
+    rejection = "Pod was rejected: Node didn't have enough resource: nvidia.com/gpu, requested: 1, used: 4, capacity: 4"
+    cluster.create_job("disk-hog", {"type": "train_lora", "retries": {"limit": 1, "backoffSeconds": 1}})
+    first = cluster.wait_pod("disk-hog", 1).metadata.name
+    cluster.set_pod(first, "Running")
+    cluster.wait_phase("disk-hog", Phase.RUNNING)
+    kubelet_ends(cluster, first, "Evicted", storage, exit_code=137)
+    retrying = cluster.wait_phase("disk-hog", Phase.RETRYING)
+    assert retrying["reason"] == Reason.EPHEMERAL_STORAGE_EXCEEDED and retrying["failures"] == 1
+    assert storage.strip() in retrying["message"]
+
+    second = cluster.wait_pod("disk-hog", 2).metadata.name
+    kubelet_ends(cluster, second, "OutOfnvidia.com/gpu", rejection, exit_code=None)
+    cluster.wait_pod("disk-hog", 3)
+    status = cluster.wait_until(
+        lambda: (s := cluster.status("disk-hog")).get("attempts") == 3 and s, what="attempt 3 in the status"
+    )
+    assert status["failures"] == 1  # the node's refusal is not counted
+    running = {c["type"]: c for c in status["conditions"]}["Running"]
+    assert running["reason"] == Reason.NODE_REJECTED and rejection in running["message"]
+    assert "OutOfnvidia.com/gpu" in running["message"]
+
+    third = cluster.wait_pod("disk-hog", 3).metadata.name
+    kubelet_ends(cluster, third, "Evicted", storage, exit_code=137)
+    failed = cluster.wait_phase("disk-hog", Phase.FAILED)
+    assert failed["reason"] == Reason.EPHEMERAL_STORAGE_EXCEEDED and failed["failures"] == 2
+    assert failed["attempts"] == 3  # and no further attempt: the limit holds
