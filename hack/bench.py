@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """All benchmarks in one command (`make bench`): operator (emulator), operator vs the Job controller on the real
-control plane, intake + events, worker. Each runs in its own
+control plane, unrelated Pods (the server-side Pod selector), intake + events, worker. Each runs in its own
 process, repeats its own measurements and reports median/min/max; this prints every headline figure in one
 table at the end (the benchmarks' own detailed output streams above it).
 
@@ -27,6 +27,7 @@ BENCHES = {
         ["bench_kubernetes.py"],
         ["bench_kubernetes.py", "--burst", "200", "--steady-seconds", "3", "--resync", "1000"],
     ),
+    "podwatch": (["bench_pod_watch.py"], ["bench_pod_watch.py", "--pods", "500"]),
     "intake": (["bench_intake.py"], ["bench_intake.py", "--requests", "2000"]),
     "worker": (["bench_worker.py", "--repeat", "3"], ["bench_worker.py", "--repeat", "1", "--epochs", "40"]),
 }

@@ -5,6 +5,7 @@ import pytest
 pytest_plugins = [
     "tests.support.emulator",
     "tests.support.kubernetes",
+    "tests.support.logs",
     "tests.support.redis_server",
     "tests.support.s3_server",
     "tests.support.operator",

@@ -111,6 +111,19 @@ class StreamStatsSnapshot:
     redis_up: bool | None = None
 
 
+@dataclass(frozen=True)
+class QueueStats:
+    """One GpuQueue as its last admission plan left it (docs/queues.md): read at scrape time through the function
+    given to `register_queue_stats`. Resource amounts are in the resource's unit (GPUs, cores, bytes)."""
+
+    quota: Mapping[str, float] = field(default_factory=dict)
+    usage: Mapping[str, float] = field(default_factory=dict)  # admitted jobs' requests, borrowed included
+    borrowed: Mapping[str, float] = field(default_factory=dict)  # usage beyond the quota
+    pending: int = 0
+    admitted: int = 0
+    oldest_pending_since: datetime | None = None  # when its longest-waiting job began to wait
+
+
 @dataclass
 class LiveJob:
     job_type: str
@@ -208,6 +221,57 @@ class _StreamCollector(Collector):
         yield requests
 
 
+class _QueueCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        source = self._metrics.queue_stats_source
+        if source is None:
+            return
+        try:
+            queues = source()
+        except Exception as exc:  # a scrape must never fail because of the queue manager
+            log.warning("queue stats unavailable", error=repr(exc))
+            return
+        now = self._metrics.clock()
+        pending = GaugeMetricFamily(
+            "gpujob_queue_pending_jobs", "Jobs waiting for admission, by GpuQueue.", labels=["queue"]
+        )
+        admitted = GaugeMetricFamily(
+            "gpujob_queue_admitted_jobs", "Admitted jobs holding quota, by GpuQueue.", labels=["queue"]
+        )
+        oldest = GaugeMetricFamily(
+            "gpujob_queue_oldest_pending_age_seconds",
+            "Seconds the longest-waiting job of the queue has waited for admission; 0 if none waits.",
+            labels=["queue"],
+        )
+        families = {
+            "quota": GaugeMetricFamily(
+                "gpujob_queue_quota", "The GpuQueue's spec.quota, by resource.", labels=["queue", "resource"]
+            ),
+            "usage": GaugeMetricFamily(
+                "gpujob_queue_usage",
+                "Resources its admitted jobs hold (borrowed included), by GpuQueue and resource.",
+                labels=["queue", "resource"],
+            ),
+            "borrowed": GaugeMetricFamily(
+                "gpujob_queue_borrowed",
+                "Resources the queue uses beyond its quota (other queues' idle quota), by resource.",
+                labels=["queue", "resource"],
+            ),
+        }
+        for name, stats in sorted(queues.items()):
+            pending.add_metric([name], stats.pending)
+            admitted.add_metric([name], stats.admitted)
+            since = stats.oldest_pending_since
+            oldest.add_metric([name], _seconds(since, now) if since is not None and stats.pending else 0.0)
+            for what, family in families.items():
+                for resource, amount in sorted(getattr(stats, what).items()):
+                    family.add_metric([name, resource], amount)
+        yield from (pending, admitted, oldest, *families.values())
+
+
 class Metrics:
     """All metrics of one operator, in one registry. `clock` is injectable for tests."""
 
@@ -215,6 +279,7 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.clock = clock
         self.stream_stats_source: Callable[[], StreamStats | None] | None = None
+        self.queue_stats_source: Callable[[], Mapping[str, QueueStats]] | None = None
         self._lock = threading.Lock()
         self._live: dict[str, LiveJob] = {}
         self._finished: OrderedDict[str, str] = OrderedDict()  # job id -> _ENDED | _DELETED
@@ -256,8 +321,26 @@ class Metrics:
         Info("gpujob_operator", "The running operator (absent = operator down).", registry=r).info(
             {"version": __version__}
         )
+        self.queue_admissions = Counter(
+            "gpujob_queue_admissions_total", "Jobs admitted by their GpuQueue.", ["queue"], registry=r
+        )
+        self.queue_preemptions = Counter(
+            "gpujob_queue_preemptions_total",
+            "Admitted jobs their GpuQueue evicted (for a higher priority or to reclaim lent quota), by the queue "
+            "that admitted them.",
+            ["queue"],
+            registry=r,
+        )
+        self.queue_admission_wait = Histogram(
+            "gpujob_queue_admission_wait_seconds",
+            "Seconds a job waited for its GpuQueue's admission (since it was created, or last preempted).",
+            ["queue"],
+            buckets=QUEUE_WAIT_BUCKETS,
+            registry=r,
+        )
         r.register(_LiveJobsCollector(self))
         r.register(_StreamCollector(self))
+        r.register(_QueueCollector(self))
         # Series exist from the start (at 0), so rate() and ratios see the first event of each kind.
         for job_type in JobType:
             for phase in TERMINAL_PHASES:
@@ -364,6 +447,31 @@ class Metrics:
 
     def handler_error(self, handler: str) -> None:
         self.handler_errors.labels(handler).inc()
+
+    # --- GPU queues
+
+    def queue_seen(self, queue: str) -> None:
+        """A GpuQueue exists: its counters and histogram are exported (at 0) from now on, so increase() and the
+        starving alert see the first admission, or the lack of one."""
+        self.queue_admissions.labels(queue)
+        self.queue_preemptions.labels(queue)
+        self.queue_admission_wait.labels(queue)
+
+    def queue_gone(self, queue: str) -> None:
+        for family in (self.queue_admissions, self.queue_preemptions, self.queue_admission_wait):
+            with contextlib.suppress(KeyError):
+                family.remove(queue)
+
+    def queue_admitted(self, queue: str, waited_seconds: float) -> None:
+        self.queue_admissions.labels(queue).inc()
+        self.queue_admission_wait.labels(queue).observe(max(0.0, waited_seconds))
+
+    def queue_preempted(self, queue: str) -> None:
+        self.queue_preemptions.labels(queue).inc()
+
+    def register_queue_stats(self, fn: Callable[[], Mapping[str, QueueStats]] | None) -> None:
+        """`fn` is called at every scrape (queue name -> QueueStats). None unregisters."""
+        self.queue_stats_source = fn
 
     def register_stream_stats(self, fn: Callable[[], StreamStats | None] | None) -> None:
         """`fn` is called at every scrape; it returns None while the bridge is not running. None unregisters."""

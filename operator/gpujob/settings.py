@@ -65,6 +65,15 @@ class OperatorSettings(BaseSettings):
     pod_run_as_user: int = Field(10001, description="uid/gid job Pods run as (the worker image's user).")
     worker_service_account: str | None = Field(None, description="serviceAccountName of job Pods (no token).")
     status_progress_interval: float = Field(2.0, description="Min seconds between progress writes to status.")
+    queue_exact_positions: int = Field(
+        100,
+        ge=1,
+        description="Waiting jobs per queue whose exact position is written and published; behind them, an upper "
+        "bound (K*2^m) that changes only when a bucket is crossed (docs/queues.md).",
+    )
+    queue_event_interval: float = Field(
+        2.0, ge=0, description="Min seconds between two queue-position events of one job (the latest sent last)."
+    )
     peering: str | None = Field(None, description="kopf peering object name (HA); unset = standalone.")
 
 

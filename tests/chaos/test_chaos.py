@@ -24,7 +24,6 @@ import faulthandler
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -49,6 +48,7 @@ from gpujob.sandbox.kubeconfig import write_kubeconfig
 from gpujob.sandbox.procs import ManagedProcess, RedisServer, free_port, port_open, wait_for
 from gpujob.sandbox.realcluster import run_kubectl
 from tests.support.kubernetes import KubeSession
+from tests.support.logs import records
 
 SIZES = {
     "small": {"jobs": 40, "kills": 3, "redis_restarts": 1, "malformed": 10, "timeout": 240, "real_faults": 1},
@@ -735,7 +735,8 @@ def run_chaos(tmp_path: Path, size: dict[str, int], seed: int, sandbox: Emulator
         assert len(junk_ids) >= malformed and all(f.get("reason") for _, f in dead)
         # 5. the operator recovers: it never gives up on a job, and under these faults no reconcile needed more
         # than a few retries in a row (more would mean a job stuck behind an error, not a fault riding out)
-        retries = [int(n) for n in re.findall(r"; retry (\d+) in", operator.log.read_text(errors="replace"))]
+        retried = records(operator.log.read_text(errors="replace"), "reconcile failed, retrying")
+        retries = [r["retry"] for r in retried]
         assert max(retries, default=0) <= RETRIES_IN_A_ROW
         # 6. every job's events are in order, queued first and one terminal event last
         events: dict[str, list[dict[str, Any]]] = defaultdict(list)

@@ -10,10 +10,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import redis
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from gpujob.api.constants import GROUP, VERSION, Phase, Reason
+from gpujob.api.events import ProgressEvent
 from gpujob.api.queues import QUEUE_KIND, QUEUE_PLURAL
 from tests.support.operator import Cluster, OperatorProcess
 
@@ -282,3 +284,46 @@ def test_operator_kills_during_admission_never_admit_past_the_quota(
         sampler.join(10)
     assert seen and max(a for a, _ in seen) <= 2 and max(live for _, live in seen) <= 2, max(seen)
     assert max(a for a, _ in seen) == 2, "the quota was used"
+
+
+def test_a_waiting_job_hears_its_queue_position_on_its_channel_and_its_move_when_the_head_leaves(
+    operator_factory: Callable[..., OperatorProcess], cluster: Cluster, make_queue: QueueMaker, redis_url: str
+) -> None:
+    operator_factory({"GPUJOB_REDIS_URL": redis_url, "GPUJOB_QUEUE_EVENT_INTERVAL": "0.2"})
+    queue = make_queue({"nvidia.com/gpu": 1})
+    listener = redis.Redis.from_url(redis_url, decode_responses=True)
+    pubsub = listener.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe("gpujobs:progress:pos-c")  # the backend subscribes before it submits
+    heard: list[ProgressEvent] = []
+
+    def has(position: int) -> bool:
+        while (message := pubsub.get_message(timeout=0.05)) is not None:
+            heard.append(ProgressEvent.model_validate_json(message["data"]))
+        return any(e.position == position for e in heard)
+
+    try:
+        cluster.create_job("pos-a", {"type": "train_lora", "gpus": 1, "queue": queue})
+        pod = cluster.wait_pod("pos-a", 1).metadata.name
+        cluster.create_job("pos-b", {"type": "train_lora", "gpus": 1, "queue": queue})
+        cluster.wait_until(lambda: cluster.status("pos-b").get("queue") == {"position": 1}, what="pos-b first in line")
+        cluster.create_job("pos-c", {"type": "train_lora", "gpus": 1, "queue": queue})
+        cluster.wait_until(lambda: has(2), what="pos-c to hear that it is second")
+        second = next(e for e in heard if e.position == 2)
+        assert (second.jobId, second.status, second.phase, second.queue) == ("pos-c", "queued", "Queued", queue)
+        assert second.reason == Reason.QUOTA_EXCEEDED and second.source == "operator" and second.seq
+        assert second.estimatedStart is None, "the queue has finished no job yet: nothing to estimate from"
+        assert not has(1), "nothing has left the queue yet"
+
+        cluster.set_pod(pod, "Running")
+        cluster.wait_phase("pos-a", Phase.RUNNING)
+        cluster.set_pod(pod, "Succeeded", exit_code=0)  # the head's job leaves: pos-b is admitted, pos-c moves up
+        cluster.wait_pod("pos-b", 1)
+        cluster.wait_until(lambda: has(1), what="pos-c to hear that it is first")
+        positions = [e.position for e in heard if e.position is not None]
+        assert positions == sorted(positions, reverse=True) and positions[0] == 2 and positions[-1] == 1
+        seqs = [e.seq or 0 for e in heard]
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+        assert cluster.status("pos-c").get("queue") == {"position": 1}
+    finally:
+        pubsub.close()
+        listener.close()

@@ -8,6 +8,7 @@ import asyncio
 from gpujob.operator.builders import PodDefaults
 from gpujob.operator.cache import JobKey, Store
 from gpujob.operator.reconciler import MAX_ERROR_DELAY, Reconciler
+from tests.support.logs import JsonLogs
 
 KEY: JobKey = ("default", "stuck")
 
@@ -45,3 +46,18 @@ async def test_a_failing_job_is_retried_past_any_count_and_recovers() -> None:
     assert len(errors) == reconciler.failures and reconciler.failing() == 0
     assert delays == sorted(delays) and delays[0] == 1.0 and max(delays) <= MAX_ERROR_DELAY
     assert delays[-1] == min(MAX_ERROR_DELAY, 2.0 ** (reconciler.failures - 1))
+
+
+async def test_each_retry_is_logged_as_a_record_naming_the_job(json_logs: JsonLogs) -> None:
+    """What `kubectl logs` shows and the chaos suite counts: one `reconcile failed, retrying` record per failure,
+    with the job, the error, the retry's number in a row and its delay."""
+    reconciler = FailingFor(Store(), PodDefaults("img", ("gpujob", "worker")))
+    reconciler.failures = 3
+    reconciler.trigger_soon = lambda key, delay: None  # type: ignore[method-assign]  # the test triggers itself
+    for _ in range(4):
+        await reconciler.trigger(KEY)
+    retries = json_logs.records("reconcile failed, retrying")
+    assert [(r["retry"], r["retry_in"]) for r in retries] == [(1, 1.0), (2, 2.0), (3, 4.0)]
+    assert all(r["job"] == "default/stuck" and r["job_id"] == "stuck" and r["level"] == "warning" for r in retries)
+    assert retries[0]["error"] == "RuntimeError('API down (call 1)')"
+    assert "traceback" in retries[0]["exception"].lower()  # not a transient API answer: the traceback is kept

@@ -32,6 +32,12 @@ class ProgressEvent(BaseModel):
     reason: str | None = None
     artifacts: list[dict[str, Any]] | None = None
     source: str | None = None  # "operator" for phase transitions; absent for the worker's own progress
+    # While the job waits for its queue's admission (README, "GPU queues"): the queue, the 1-based position
+    # (exact for the first GPUJOB_QUEUE_EXACT_POSITIONS, an upper bound behind them) and, once the queue's recent
+    # durations allow it, the estimated start (ISO 8601, UTC).
+    queue: str | None = None
+    position: int | None = Field(default=None, ge=0)
+    estimatedStart: str | None = None
 
     def to_json(self) -> str:
         return self.model_dump_json(exclude_none=True)

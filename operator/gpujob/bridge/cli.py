@@ -223,6 +223,17 @@ def _one_line(text: str) -> str:
     return "".join(" " if unicodedata.category(c) == "Cc" else c for c in text)
 
 
+def shown_message(event: ProgressEvent) -> str:
+    """What a line shows of the event: for a job waiting in its queue, its position (and the estimated start)
+    first, then the message."""
+    if event.position is None or not event.queue:
+        return event.message
+    where = f"#{event.position} in queue {event.queue}"
+    if event.estimatedStart:
+        where += f", starts ~{event.estimatedStart}"
+    return f"{where} | {event.message}" if event.message else where
+
+
 def bar_line(event: ProgressEvent, width: int) -> str:
     """`<jobId> [####....]  40.0% running    <message>` in at most width-1 columns (the last column makes some
     terminals wrap): the message is cut first, then the bar shrinks, then the jobId."""
@@ -235,7 +246,7 @@ def bar_line(event: ProgressEvent, width: int) -> str:
         line = f"{job} [{'#' * filled}{'.' * (bar_cols - filled)}]{tail}"
     else:
         line = f"{job}{tail}"
-    message = _one_line(event.message)
+    message = _one_line(shown_message(event))
     if message and room - _cols(line) > 2:
         line = f"{line} {_clip(message, room - _cols(line) - 1)}"
     return _clip(line.rstrip(), room)
@@ -258,7 +269,7 @@ def render(event: ProgressEvent, out: TextIO, tty: bool, as_json: bool, width: i
         if event.status in FINAL_STATUSES:
             out.write(f"\n{final_line(event)}\n")
     else:
-        out.write(f"{event.timestamp} {event.jobId} {event.status} {event.progress:.1f}% {event.message}\n")
+        out.write(f"{event.timestamp} {event.jobId} {event.status} {event.progress:.1f}% {shown_message(event)}\n")
     out.flush()
 
 

@@ -13,7 +13,7 @@ import kopf
 
 from gpujob.api.constants import GROUP, MANAGER, PLURAL, VERSION, Label
 from gpujob.api.queues import QUEUE_PLURAL
-from gpujob.operator.runtime import Runtime
+from gpujob.operator.runtime import POD_SELECTOR, Runtime
 
 # kopf retries a failed start-up handler after this many seconds (its default is 60).
 STARTUP_BACKOFF_SECONDS = 5.0
@@ -79,6 +79,9 @@ def configure(settings: kopf.OperatorSettings, runtime: Runtime) -> None:
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 60
+    # Only our Pods, filtered by the apiserver: kopf's `labels=` on the handler filters in the client, after
+    # every Pod of the watched namespaces has been sent, decoded and queued (issue 12 item 12; hack/bench_pod_watch.py).
+    settings.watching.label_selectors["", "v1", "pods"] = POD_SELECTOR
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = EventsOnlyDiffBase()
     if runtime.namespaces:

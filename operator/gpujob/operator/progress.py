@@ -38,8 +38,11 @@ def transition_events(job: dict[str, Any], transitions: list[Transition], status
     job_id = job_id_of(job)
     percent = status.progress.percent if status.progress else 0.0
     events = []
+    queue = (job.get("spec") or {}).get("queue") or None
     for t in transitions:
         artifacts = [a.wire() for a in status.artifacts] if t.new is Phase.SUCCEEDED and status.artifacts else None
+        # Waiting for its queue: where it stands (later moves come from the queue manager, rate-limited).
+        waits = t.new is Phase.QUEUED and queue is not None and status.queue is not None and status.queue.position > 0
         events.append(
             make_event(
                 job_id,
@@ -51,6 +54,8 @@ def transition_events(job: dict[str, Any], transitions: list[Transition], status
                 reason=t.reason,
                 artifacts=artifacts,
                 source=EVENT_SOURCE,
+                queue=queue if waits else None,
+                position=status.queue.position if waits and status.queue is not None else None,
             )
         )
     return events

@@ -8,28 +8,39 @@ reconciler to look at the job, which then creates its Pod. Waiting jobs get thei
 `gate()`, which the reconciler hands to the pure `decide()`. Admission state lives only in the statuses, so a
 restarted operator rebuilds the usage from them and never over-admits. With no GpuQueue at all there is no gate:
 every job is admitted at once, as before queues.
+
+While a job waits, the manager also publishes its queue and position on the job's event channel (rate-limited,
+with an estimated start once the queue's recent durations allow one: `positions`), and keeps each queue's
+figures for the metrics (pending, usage vs quota, borrowed, admissions and their wait, preemptions).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+import time
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Final
 
 from pydantic import ValidationError
 
 from gpujob import kube
-from gpujob.api.constants import Phase
+from gpujob.api.constants import ConditionType, Phase
+from gpujob.api.events import ProgressEvent
 from gpujob.api.models import GpuJobSpec
+from gpujob.api.naming import job_id_of
 from gpujob.api.quantity import parse_quantity
 from gpujob.api.queues import GpuQueueSpec, WithinQueue
+from gpujob.events import make_event
 from gpujob.logging import get_logger
-from gpujob.operator.admission import Plan, Queue, Workload, plan
+from gpujob.metrics import Metrics, QueueStats
+from gpujob.operator.admission import Plan, Queue, Wait, Waiting, Workload, plan
 from gpujob.operator.cache import JobKey, Store
 from gpujob.operator.conventions import iso, parse_time
+from gpujob.operator.positions import DEFAULT_EXACT, Durations, Throttle, estimate_wait, published_position
 from gpujob.operator.status import QueueGate
 
 log = get_logger(__name__)
@@ -37,6 +48,10 @@ log = get_logger(__name__)
 # Resources of a job's request that a queue may count besides its GPUs (spec.resources.requests).
 COUNTED_REQUESTS: Final = ("cpu", "memory")
 TERMINAL: Final = frozenset(p.value for p in (Phase.SUCCEEDED, Phase.FAILED, Phase.CANCELLED))
+# Ends whose run time feeds the start estimate (a cancelled job says nothing about how long jobs take).
+FINISHED: Final = frozenset(p.value for p in (Phase.SUCCEEDED, Phase.FAILED))
+EVENT_SOURCE: Final = "operator"  # as gpujob.operator.progress marks the operator's events
+_COUNTED_MEMORY: Final = 10_000  # finished jobs whose run time was counted (each once)
 
 
 def queue_of(body: dict[str, Any]) -> Queue | None:
@@ -110,6 +125,32 @@ def queue_status(name: str, result: Plan, workloads: Iterable[Workload]) -> dict
     }
 
 
+def run_seconds(job: Mapping[str, Any]) -> tuple[str, float] | None:
+    """(queue, seconds from admission to the end) of a finished job that a queue admitted; None otherwise."""
+    status = job.get("status") or {}
+    admission = status.get("admission") or {}
+    if status.get("phase") not in FINISHED or not admission.get("queue"):
+        return None
+    start, end = parse_time(admission.get("admittedAt")), parse_time(status.get("completionTime"))
+    if start is None or end is None:
+        return None
+    return admission["queue"], max(0.0, (end - start).total_seconds())
+
+
+def waiting_since(job: Mapping[str, Any]) -> datetime | None:
+    """When the job began to wait for admission: its Admitted=False condition's transition (a preempted job waits
+    again from its preemption), else its creation."""
+    for condition in (job.get("status") or {}).get("conditions") or []:
+        admitted = condition.get("type") == ConditionType.ADMITTED.value
+        if (
+            admitted
+            and condition.get("status") == "False"
+            and (since := parse_time(condition.get("lastTransitionTime")))
+        ):
+            return since
+    return parse_time((job.get("metadata") or {}).get("creationTimestamp"))
+
+
 def _amounts(resources: dict[str, Decimal]) -> dict[str, str]:
     return {r: f"{amount.normalize():f}" for r, amount in sorted(resources.items())}
 
@@ -134,6 +175,21 @@ class QueueManager:
     _memo: dict[JobKey, tuple[tuple[str, str], Workload | None]] = field(default_factory=dict)
     # Admitted jobs listed at start-up that kopf has not delivered yet (counted until it has, or they are gone).
     _baseline: dict[JobKey, Workload] = field(default_factory=dict)
+    # --- what the backend and Prometheus see (docs/queues.md, "The backend sees the queue")
+    exact_positions: int = DEFAULT_EXACT  # exact positions for the first K; an upper bound behind (positions)
+    event_interval: float = 2.0  # at most one position event per job per interval
+    publish: Callable[[list[ProgressEvent]], None] | None = None  # the event forwarder's submit (None: no Redis)
+    metrics: Metrics | None = None
+    monotonic: Callable[[], float] = time.monotonic
+    durations: Durations = field(default_factory=Durations)
+    _throttle: Throttle[JobKey, tuple[str, int]] = field(default_factory=lambda: Throttle(2.0))
+    _positions: dict[JobKey, tuple[str, int]] = field(default_factory=dict)  # waiting jobs: (queue, position)
+    _running: dict[str, int] = field(default_factory=dict)  # admitted jobs per queue, at the last plan
+    _counted: OrderedDict[str, None] = field(default_factory=OrderedDict)  # uids whose run time was counted
+    _stats: dict[str, QueueStats] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._throttle.interval = self.event_interval
 
     # --- inputs
     async def list_queues(self, namespaces: list[str] | None) -> None:
@@ -152,6 +208,7 @@ class QueueManager:
                 key: JobKey = (meta.get("namespace", ""), meta.get("name", ""))
                 if (w := workload_of(key, body)) is not None and w.admitted:
                     baseline[key] = w
+                self._count_run(body)  # finished jobs seed the start estimates
         self._baseline = baseline
 
     def queue_event(self, event_type: str | None, body: dict[str, Any]) -> None:
@@ -160,8 +217,13 @@ class QueueManager:
         if queue is None:
             self.queues.pop(name, None)
             self._written.pop(name, None)
+            self._stats.pop(name, None)
+            if self.metrics is not None:
+                self.metrics.queue_gone(name)
         else:
             self.queues[name] = queue
+            if self.metrics is not None:
+                self.metrics.queue_seen(name)
         self.poke()
 
     def job_changed(self, job: dict[str, Any]) -> None:
@@ -170,6 +232,7 @@ class QueueManager:
         key: JobKey = (meta.get("namespace", ""), meta.get("name", ""))
         if key not in self.store.jobs:  # deleted: its start-up baseline, if any, goes too
             self._baseline.pop(key, None)
+        self._count_run(job)
         if (job.get("spec") or {}).get("queue") or key in self._gates or (job.get("status") or {}).get("admission"):
             self.poke()
 
@@ -183,10 +246,20 @@ class QueueManager:
             return None
         return self._gates.get(key, QueueGate())
 
+    def queue_stats(self) -> dict[str, QueueStats]:
+        """Each queue as the last plan left it (the metrics read it at scrape time)."""
+        return dict(self._stats)
+
     # --- the loop
     async def run(self) -> None:
         while True:
-            await self._dirty.wait()
+            due = self._throttle.next_due()
+            try:
+                async with asyncio.timeout(None if due is None else max(0.0, due - self.monotonic())):
+                    await self._dirty.wait()
+            except TimeoutError:  # a held position event is due (no plan needed for it)
+                self._send_due()
+                continue
             self._dirty.clear()
             try:
                 await self.plan_once()
@@ -200,6 +273,8 @@ class QueueManager:
             waiting, self._gates = list(self._gates), {}
             for key in waiting:
                 self.on_change(key)
+                self._throttle.forget(key)
+            self._positions = {}
             return
         workloads = self._workloads()
         result = plan(self.queues, workloads)
@@ -208,13 +283,13 @@ class QueueManager:
             await self._admit(by_key[admitted])
         for victim, head in sorted(result.preempt.items()):
             await self._preempt(by_key[victim], head)
-        gates = {
-            _key(k): QueueGate(wait.reason.value, wait.position, wait.message) for k, wait in result.waiting.items()
-        }
+        gates = {_key(k): self._gate(wait, by_key[k]) for k, wait in result.waiting.items()}
         for key in set(gates) | set(self._gates):
             if gates.get(key) != self._gates.get(key):
                 self.on_change(key)
         self._gates = gates
+        self._keep_stats(result, workloads)
+        self._send_positions(result, by_key)
         for name in self.queues:
             status = queue_status(name, result, workloads)
             if self._written.get(name) != status:
@@ -242,14 +317,21 @@ class QueueManager:
             "admittedAt": iso(self.clock()),
             "resources": _amounts(dict(w.request)),
         }
+        job = self.store.job(_key(w.key))
+        since = waiting_since(job) if job is not None else None
         if await self._write(_key(w.key), {"admission": admission}):
             log.info("job admitted", job=w.key, queue=w.queue, resources=admission["resources"])
+            if self.metrics is not None:
+                waited = (self.clock() - since).total_seconds() if since is not None else 0.0
+                self.metrics.queue_admitted(w.queue, waited)
 
     async def _preempt(self, w: Workload, head: str) -> None:
         """Mark an admitted job for eviction: the reconciler stops its Pod gracefully, then hands the admission
         back (decide(): phase Queued, reason Preempted). Its usage counts until then."""
         if await self._write(_key(w.key), {"preempting": {"by": head, "since": iso(self.clock())}}):
             log.info("job preempted", job=w.key, queue=w.queue, by=head)
+            if self.metrics is not None:
+                self.metrics.queue_preempted(w.queue)
 
     async def _write(self, key: JobKey, status: dict[str, Any]) -> bool:
         """A status merge-patch guarded by the resourceVersion the plan saw; the stored job is filed and
@@ -272,3 +354,96 @@ class QueueManager:
         self.store.put_job(stored)
         self.on_change(key)
         return True
+
+    # --- positions, estimates and figures
+    def _gate(self, wait: Wait, w: Workload) -> QueueGate:
+        """The reconciler's word: the position as written (exact for the first K, an upper bound behind, so that
+        one job leaving the head rewrites K + log2(N/K) statuses, not N), with a message that changes with it."""
+        shown = published_position(wait.position, self.exact_positions)
+        message = wait.message if shown == wait.position else f"position at most {shown} in queue {w.queue!r}"
+        return QueueGate(wait.reason.value, shown, message)
+
+    def _send_positions(self, result: Plan, by_key: Mapping[str, Workload]) -> None:
+        """Offer every waiting job's (queue, position) to the throttle; send what it lets through now."""
+        positions: dict[JobKey, tuple[str, int]] = {}
+        for k, wait in result.waiting.items():
+            if wait.reason is Waiting.QUOTA_EXCEEDED and wait.position > 0:
+                positions[_key(k)] = (by_key[k].queue, published_position(wait.position, self.exact_positions))
+        for key in self._throttle.keys() - positions.keys():  # admitted, gone or out of any queue
+            self._throttle.forget(key)
+        self._positions = positions
+        if self.publish is None:
+            return
+        now = self.monotonic()
+        events = [
+            e for key, at in positions.items() if self._throttle.offer(key, at, now) and (e := self._event(key, at))
+        ]
+        if events:
+            self.publish(events)
+
+    def _send_due(self) -> None:
+        ready = self._throttle.due(self.monotonic())
+        events = [e for key, at in ready if self._positions.get(key) == at and (e := self._event(key, at))]
+        if events and self.publish is not None:
+            self.publish(events)
+
+    def _event(self, key: JobKey, at: tuple[str, int]) -> ProgressEvent | None:
+        job = self.store.job(key)
+        if job is None:
+            return None
+        queue, position = at
+        status = job.get("status") or {}
+        wait = estimate_wait(position, self._running.get(queue, 0), self.durations.of(queue))
+        start = iso(self.clock() + timedelta(seconds=wait)) if wait is not None else None
+        where = f"position {position}" if position <= self.exact_positions else f"position at most {position}"
+        message = f"{where} in queue {queue!r}" + (f", expected to start around {start}" if start else "")
+        return make_event(
+            job_id_of(job),
+            Phase.QUEUED.event_status,
+            float((status.get("progress") or {}).get("percent") or 0.0),
+            message,
+            phase=Phase.QUEUED.value,
+            attempt=status.get("attempts") or None,
+            reason=Waiting.QUOTA_EXCEEDED.value,
+            source=EVENT_SOURCE,
+            queue=queue,
+            position=position,
+            estimatedStart=start,
+        )
+
+    def _keep_stats(self, result: Plan, workloads: Iterable[Workload]) -> None:
+        admitted_now = set(result.admit)
+        running: dict[str, int] = defaultdict(int)
+        pending: dict[str, int] = defaultdict(int)
+        oldest: dict[str, datetime] = {}
+        for w in workloads:
+            if w.admitted or w.key in admitted_now:
+                running[w.queue] += 1
+            elif w.queue in self.queues:
+                pending[w.queue] += 1
+                job = self.store.job(_key(w.key))
+                since = waiting_since(job) if job is not None else None
+                if since is not None and (w.queue not in oldest or since < oldest[w.queue]):
+                    oldest[w.queue] = since
+        self._running = dict(running)
+        self._stats = {
+            name: QueueStats(
+                quota={r: float(a) for r, a in queue.quota.items()},
+                usage={r: float(a) for r, a in result.usage.get(name, {}).items()},
+                borrowed={r: float(a) for r, a in result.borrowed.get(name, {}).items()},
+                pending=pending.get(name, 0),
+                admitted=running.get(name, 0),
+                oldest_pending_since=oldest.get(name),
+            )
+            for name, queue in self.queues.items()
+        }
+
+    def _count_run(self, job: Mapping[str, Any]) -> None:
+        """A finished job's run time, once, into its queue's recent durations (the start estimates)."""
+        uid = (job.get("metadata") or {}).get("uid", "")
+        if not uid or uid in self._counted or (run := run_seconds(job)) is None:
+            return
+        self._counted[uid] = None
+        while len(self._counted) > _COUNTED_MEMORY:
+            self._counted.popitem(last=False)
+        self.durations.add(*run)

@@ -19,7 +19,9 @@ from typing import Any
 from gpujob import kube
 from gpujob.api.constants import Reason
 from gpujob.api.models import GpuJobSpec, GpuJobStatus
+from gpujob.api.naming import job_id_of
 from gpujob.kube import ApiException
+from gpujob.logging import bind_job, get_logger
 from gpujob.operator.builders import JobRef, PodDefaults, build_pod
 from gpujob.operator.cache import JobKey, Store
 from gpujob.operator.status import (
@@ -32,7 +34,7 @@ from gpujob.operator.status import (
     without_worker_output,
 )
 
-log = logging.getLogger("gpujob.reconciler")
+log = get_logger("gpujob.reconciler")
 
 TransitionSink = Callable[[dict[str, Any], list[Transition], GpuJobStatus], Awaitable[None]]
 # Told of every status write (the job as stored, the pass's decision); must not block (Kubernetes Events).
@@ -107,13 +109,16 @@ class Reconciler:
 
     async def trigger(self, key: JobKey) -> None:
         lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            try:
-                await self._reconcile(key)
-            except Exception as exc:  # retried below, never propagated into kopf's watcher
-                self._retry_after_error(key, exc)
-            else:
-                self._errors.pop(key, None)
+        held = self.store.job(key)
+        # Every line of the pass (ours, the API wrapper's) names the job: job=namespace/name, job_id.
+        with bind_job(job_id_of(held) if held is not None else key[1], job=f"{key[0]}/{key[1]}"):
+            async with lock:
+                try:
+                    await self._reconcile(key)
+                except Exception as exc:  # retried below, never propagated into kopf's watcher
+                    self._retry_after_error(key, exc)
+                else:
+                    self._errors.pop(key, None)
 
     def _retry_after_error(self, key: JobKey, exc: Exception) -> None:
         count = self._errors.get(key, 0) + 1
@@ -125,11 +130,10 @@ class Reconciler:
         level = logging.DEBUG if conflict else logging.WARNING if count < 8 else logging.ERROR
         log.log(
             level,
-            "reconcile of %s/%s failed (%s); retry %d in %.1fs",
-            *key,
-            _short(exc),
-            count,
-            delay,
+            "reconcile failed, retrying",
+            error=_short(exc),
+            retry=count,
+            retry_in=delay,
             exc_info=not kube.transient(exc) and not conflict,
         )
         self.trigger_soon(key, delay)
@@ -192,11 +196,7 @@ class Reconciler:
             # The API server refuses the status, and only the worker's output can be why (its termination
             # message is untrusted; status logic bounds it, this is the backstop): write the phase without it,
             # rather than retry a write that can never pass and leave the job in its old phase.
-            log.error(
-                "status of %s/%s refused (%s); written without the worker's artifacts and metrics",
-                *key,
-                kube.message_of(exc),
-            )
+            log.error("status refused, written without the worker's artifacts and metrics", error=kube.message_of(exc))
             decision.status = without_worker_output(decision.status)
             patch = status_patch(job.get("status") or {}, decision.status)
             stored = await kube.patch_gpujob_status(*key, patch, resource_version)
@@ -207,18 +207,19 @@ class Reconciler:
             try:
                 observer(stored, decision)
             except Exception:  # best effort: the status write has happened
-                log.exception("write observer failed for %s/%s", *key)
+                log.exception("write observer failed")
         if decision.transitions:
             for sink in self.sinks:
                 try:
                     await sink(stored, decision.transitions, decision.status)
                 except Exception:  # events and metrics are best effort: the status write has happened
-                    log.exception("after-write hook %s failed for %s/%s", getattr(sink, "__name__", sink), *key)
+                    log.exception("after-write hook failed", hook=getattr(sink, "__name__", repr(sink)))
 
 
 def _short(exc: Exception) -> str:
     if isinstance(exc, ApiException):
-        return f"API {exc.status} {exc.reason}"
+        message = kube.message_of(exc)
+        return f"API {exc.status} {exc.reason}" + (f": {message}" if message != exc.reason else "")
     return repr(exc)
 
 

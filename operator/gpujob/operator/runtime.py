@@ -96,7 +96,14 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.reconciler = Reconciler(self.store, self.defaults, on_error=self.metrics.handler_error)
-        self.queues = QueueManager(self.store, self.spawn_reconcile)
+        self.queues = QueueManager(
+            self.store,
+            self.spawn_reconcile,
+            exact_positions=self.settings.queue_exact_positions,
+            event_interval=self.settings.queue_event_interval,
+            metrics=self.metrics,
+        )
+        self.metrics.register_queue_stats(self.queues.queue_stats)
         self.reconciler.gate_of = self.queues.gate
         self.reconciler.observers.append(lambda stored, _: self.queues.job_changed(stored))
         self.reconciler.observers.append(self.recorder.observe)
@@ -132,6 +139,7 @@ class Runtime:
             self.health.add_readiness_check("redis", self._redis_ping)
             self.forwarder = EventForwarder(EventPublisher(self.redis, self.settings))
             self.reconciler.sinks.append(self.forwarder.sink)
+            self.queues.publish = self.forwarder.submit  # queue positions of waiting jobs
             self.spawn("events", self.forwarder.run())
             self.mirror = ProgressMirror(
                 self.redis,
