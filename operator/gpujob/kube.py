@@ -200,6 +200,12 @@ def message_of(exc: BaseException) -> str:
     return str(_status_of(exc).get("message") or exc.reason)
 
 
+def exceeded_quota(exc: BaseException) -> bool:
+    """A 403 from ResourceQuota admission (`... is forbidden: exceeded quota: <name>, requested: ..., used: ...,
+    limited: ...`): the object may pass once the namespace's usage goes down."""
+    return isinstance(exc, ApiException) and exc.status == 403 and "exceeded quota" in message_of(exc)
+
+
 def rejected_for_good(exc: BaseException) -> bool:
     """Will the API server refuse this object whatever we wait for? 400 and 422 (invalid), a 403 from admission
     policy (Pod Security), any 4xx that is not the cluster's passing state (413, ...). Other 403s pass: RBAC

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import pytest
-
 from gpujob.api.constants import Label, Phase, Reason
 from tests.support.operator import Cluster, OperatorProcess, wait_for
 
@@ -40,24 +38,6 @@ def test_any_valid_gpujob_name_gives_a_valid_pod(operator: OperatorProcess, clus
     assert len(pod.metadata.labels[Label.JOB_NAME]) <= 63
     assert pod.metadata.labels[Label.JOB_NAME] != name[:63]  # hashed, so two long names never share a label
     assert cluster.wait_phase(name, cluster.resting_phase)["podName"] == pod.metadata.name
-
-
-@pytest.mark.backends("kubernetes")
-def test_exceeded_quota_waits_for_the_quota_instead_of_failing(operator: OperatorProcess, cluster: Cluster) -> None:
-    """ResourceQuota admission answers 403 `exceeded quota`: a quota that frees later must let the job run (the
-    operator used to fail it as InvalidSpec, like every 403)."""
-    quota = {"metadata": {"name": "no-pods"}, "spec": {"hard": {"pods": "0"}}}
-    cluster.core.create_namespaced_resource_quota(cluster.namespace, quota)
-    cluster.wait_until(
-        lambda: cluster.core.read_namespaced_resource_quota("no-pods", cluster.namespace).status.hard or {},
-        what="the quota controller to fill the quota's status",
-    )
-    cluster.create_job("over-quota", {"type": "train_lora"})
-    cluster.wait_until(lambda: "exceeded quota" in operator.logs(), what="the operator to meet the quota")
-    assert cluster.status("over-quota").get("phase") != Phase.FAILED and not cluster.pods("over-quota")
-    cluster.core.delete_namespaced_resource_quota("no-pods", cluster.namespace)
-    pod = cluster.wait_pod("over-quota", 1, timeout=60)  # retried with back-off once the quota is gone
-    assert cluster.status("over-quota").get("failures", 0) == 0 and pod.metadata.name
 
 
 def test_success_is_mirrored_into_status(operator: OperatorProcess, cluster: Cluster) -> None:

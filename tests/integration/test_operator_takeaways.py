@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
+
 from gpujob.api.constants import Phase, Reason
 from tests.support.operator import Cluster, OperatorProcess
 
@@ -55,3 +57,43 @@ def test_evictions_by_kind_storage_limit_counts_node_rejection_does_not(
     failed = cluster.wait_phase("disk-hog", Phase.FAILED)
     assert failed["reason"] == Reason.EPHEMERAL_STORAGE_EXCEEDED and failed["failures"] == 2
     assert failed["attempts"] == 3  # and no further attempt: the limit holds
+
+
+@pytest.mark.backends("kubernetes")  # the emulator has no ResourceQuota admission (sandbox/EMULATOR.md)
+def test_a_job_over_its_namespaces_quota_waits_queued_and_runs_when_the_quota_frees(
+    operator: OperatorProcess, cluster: Cluster
+) -> None:
+    """Item 13: ResourceQuota admission answers 403 `exceeded quota`. The job is not failed (it was InvalidSpec
+    once): it waits, phase Queued, reason QuotaExceeded with the API server's message, nothing counted, and its
+    Pod is created once the quota frees (a Pod of ours gone in the namespace, or the quota raised)."""
+    quota = {"metadata": {"name": "one-pod"}, "spec": {"hard": {"pods": "1"}}}
+    cluster.core.create_namespaced_resource_quota(cluster.namespace, quota)
+    cluster.wait_until(
+        lambda: cluster.core.read_namespaced_resource_quota("one-pod", cluster.namespace).status.hard or {},
+        what="the quota controller to fill the quota's status",
+    )
+    cluster.create_job("first", {"type": "train_lora"})
+    cluster.wait_pod("first", 1)
+    cluster.create_job("second", {"type": "train_lora"})
+    waiting = cluster.wait_until(
+        lambda: (s := cluster.status("second")).get("reason") == Reason.QUOTA_EXCEEDED and s,
+        what="the second job to wait for the quota",
+    )
+    assert waiting["phase"] == Phase.QUEUED and "exceeded quota: one-pod" in waiting["message"]
+    assert waiting.get("attempts", 0) == 0 and waiting.get("failures", 0) == 0 and not cluster.pods("second")
+    scheduled = {c["type"]: c for c in waiting["conditions"]}["Scheduled"]
+    assert scheduled["status"] == "False" and scheduled["reason"] == Reason.QUOTA_EXCEEDED
+
+    cluster.patch_spec("first", {"cancel": True})  # its Pod goes: the quota frees
+    cluster.wait_pod("second", 1, timeout=60)
+    status = cluster.wait_until(
+        lambda: (s := cluster.status("second")).get("attempts") == 1 and s, what="attempt 1 in the status"
+    )
+    assert status.get("failures", 0) == 0 and status["reason"] != Reason.QUOTA_EXCEEDED
+
+    # A quota raised from outside (no Pod of ours gone) is found by the capped back-off.
+    cluster.create_job("third", {"type": "train_lora"})
+    cluster.wait_until(lambda: cluster.status("third").get("reason") == Reason.QUOTA_EXCEEDED, what="third waits")
+    cluster.core.patch_namespaced_resource_quota("one-pod", cluster.namespace, {"spec": {"hard": {"pods": "2"}}})
+    cluster.wait_pod("third", 1, timeout=120)
+    assert cluster.status("third").get("failures", 0) == 0

@@ -31,6 +31,7 @@ from gpujob.operator.status import (
     decide,
     fail_now,
     status_patch,
+    wait_for_quota,
     without_worker_output,
 )
 
@@ -47,6 +48,9 @@ GateSource = Callable[[JobKey, GpuJobSpec], QueueGate | None]
 # to this cap (the Job controller's rate-limited queue does the same, capped at 1000 s); each failure counts in
 # gpujob_handler_errors_total{handler="reconcile"}.
 MAX_ERROR_DELAY = 300.0
+# A job whose Pod a ResourceQuota refuses waits (phase Queued, reason QuotaExceeded) and tries again after
+# 1, 2, 4, ... seconds up to this cap, and at once when a Pod of ours in its namespace goes (quota freed).
+MAX_QUOTA_DELAY = 60.0
 
 
 def utcnow() -> datetime:
@@ -65,6 +69,7 @@ class Reconciler:
     _locks: dict[JobKey, asyncio.Lock] = field(default_factory=dict)
     _timers: dict[JobKey, asyncio.TimerHandle] = field(default_factory=dict)
     _errors: dict[JobKey, int] = field(default_factory=dict)
+    _over_quota: dict[JobKey, int] = field(default_factory=dict)  # jobs a ResourceQuota refused: tries so far
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     # --- triggers
@@ -97,6 +102,12 @@ class Reconciler:
             timer.cancel()
         self._locks.pop(key, None)
         self._errors.pop(key, None)
+        self._over_quota.pop(key, None)
+
+    def quota_freed(self, namespace: str) -> None:
+        """A Pod of ours in `namespace` is gone: the jobs its ResourceQuota refused try again now."""
+        for key in [k for k in self._over_quota if k[0] == namespace]:
+            self.trigger_soon(key, 0.0)
 
     async def close(self) -> None:
         for timer in self._timers.values():
@@ -163,11 +174,20 @@ class Reconciler:
             try:
                 _, created = await kube.create_pod(key[0], pod_body)
             except ApiException as exc:
+                if kube.exceeded_quota(exc):
+                    # Not a failure: the job waits for its namespace's quota (status says so) and tries again.
+                    tries = self._over_quota.get(key, 0) + 1
+                    self._over_quota[key] = tries
+                    quota = wait_for_quota(decision, kube.message_of(exc), now, meta.get("generation"))
+                    await self._write_status(key, job, quota)
+                    self.trigger_soon(key, min(MAX_QUOTA_DELAY, 2.0 ** min(tries - 1, 16)))
+                    return
                 if not kube.rejected_for_good(exc):
-                    raise  # retried with back-off: transient, RBAC not ready, a quota that may free
+                    raise  # retried with back-off: transient, RBAC not ready
                 # The API server will never accept this Pod (invalid, or forbidden by Pod Security).
                 decision = fail_now(job, Reason.INVALID_SPEC, f"Pod rejected: {kube.message_of(exc)}", now)
             else:
+                self._over_quota.pop(key, None)
                 # Filed at once: the watch event may lag, and a missing Pod would look deleted.
                 if created is not None:
                     self.store.put_pod(created)

@@ -281,6 +281,8 @@ class Runtime:
         if event_type != "DELETED" and self.store.holds_pod(body):
             return  # our own create, or filed by the start-up list: nothing new for the job
         uid = self.store.drop_pod(body) if event_type == "DELETED" else self.store.put_pod(body)
+        if event_type == "DELETED" and uid:
+            self.reconciler.quota_freed((body.get("metadata") or {}).get("namespace", ""))
         key = self.store.key_of_uid(uid) if uid else None
         if key is not None:
             self.spawn_reconcile(key)

@@ -292,6 +292,10 @@ def decide(
             d.requeue_after = (due - now).total_seconds()
     elif b.status.attempts == 0:
         _start_attempt(b, d, spec, Reason.POD_CREATED, "Pod created", pods)
+    elif b.status.phase is Phase.QUEUED and b.status.reason == Reason.QUOTA_EXCEEDED:
+        # The API server's ResourceQuota refused the last try (wait_for_quota): try again (the queue's gate, if
+        # any, still applies in _start_attempt).
+        _start_attempt(b, d, spec, Reason.POD_CREATED, f"attempt {b.status.attempts + 1}: Pod created", pods)
     elif b.status.phase is Phase.QUEUED and spec.queue:
         # Back in its queue (preempted, or resumed): the next attempt once admitted again; its old Pod is over.
         _start_attempt(b, d, spec, Reason.POD_CREATED, f"admitted again; attempt {b.status.attempts + 1}", pods)
@@ -416,6 +420,27 @@ def without_worker_output(status: GpuJobStatus) -> GpuJobStatus:
     """`status` less what the worker's termination message put there (artifacts, metrics): what is written when
     the API server refused the full status, so that worker output can never keep a job from its phase."""
     return status.model_copy(update={"artifacts": [], "metrics": {}}, deep=True)
+
+
+def wait_for_quota(d: Decision, message: str, now: datetime, generation: int | None) -> Decision:
+    """`d` decided to create a Pod and the API server's ResourceQuota refused it (403 `exceeded quota`): the
+    attempt never started. As the Job controller does, the job waits and is retried with back-off (the caller's
+    timer): phase Queued, reason QuotaExceeded, the API server's message; nothing counted. Whatever else the pass
+    observed (an earlier Pod's end) stays."""
+    attempt = d.create_attempt or 0
+    status = d.status.model_copy(deep=True)
+    # The transitions into Scheduled of the attempt that never started did not happen.
+    dropped = [t for t in d.transitions if t.new is Phase.SCHEDULED and t.attempt == attempt]
+    status.phase = dropped[0].old if dropped else status.phase
+    status.attempts = max(0, attempt - 1) if attempt else status.attempts
+    status.pod_name = None
+    status.next_attempt_time = None
+    b = _Builder(status, now, generation)
+    text = f"Pod of attempt {attempt} refused: {message}" if attempt else message
+    b.phase(Phase.QUEUED, Reason.QUOTA_EXCEEDED, text)
+    b.cond(ConditionType.SCHEDULED, False, Reason.QUOTA_EXCEEDED, text)
+    kept = [t for t in d.transitions if t not in dropped]
+    return Decision(status=b.status, transitions=kept + b.transitions, previous=d.previous)
 
 
 def fail_now(body: dict[str, Any], reason: str, message: str, now: datetime) -> Decision:
