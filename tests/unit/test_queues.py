@@ -125,3 +125,71 @@ def test_admitted_jobs_listed_at_start_up_count_until_kopf_delivers_them(monkeyp
     assert plan(manager.queues, manager._workloads()).admit == [], "the quota (2) is used by the listed job"
     store.put_job(held)  # kopf delivers it: the store's copy counts, the baseline goes
     assert {w.key for w in manager._workloads()} == {"ml/held", "ml/new"} and manager._baseline == {}
+
+
+def _full_queue(monkeypatch: Any, waiting: int, **manager: Any) -> tuple[Store, QueueManager, list[Any], list[Any]]:
+    """One 2-GPU queue, used up by an admitted job, and `waiting` 2-GPU jobs behind it (no API: queue status
+    writes are recorded, there are no admissions to write)."""
+    from gpujob import kube
+
+    async def patch_queue_status(name: str, status: dict[str, Any]) -> None:
+        return None
+
+    monkeypatch.setattr(kube, "patch_gpuqueue_status", patch_queue_status)
+    store = Store()
+    changed: list[Any] = []
+    events: list[Any] = []
+    now = [0.0]
+    mgr = QueueManager(store, on_change=changed.append, publish=events.extend, monotonic=lambda: now[0], **manager)
+    mgr.queue_event("ADDED", queue("a"))
+    store.put_job(job("run", {"queue": "a", "gpus": 2}, {"admission": {"queue": "a", "admittedAt": T0}}))
+    for i in range(waiting):
+        store.put_job(job(f"w{i:04d}", {"queue": "a", "gpus": 2}, resourceVersion=str(i + 1)))
+    return store, mgr, changed, events
+
+
+def test_positions_beyond_k_are_upper_bounds_so_the_head_leaving_rewrites_few_statuses(monkeypatch: Any) -> None:
+    import asyncio
+
+    store, mgr, changed, events = _full_queue(monkeypatch, 1000, exact_positions=100, event_interval=0.0)
+    asyncio.run(mgr.plan_once())
+    gates = {key[1]: gate for key, gate in mgr._gates.items()}
+    assert [gates[f"w{i:04d}"].position for i in (0, 99, 100, 199, 200, 999)] == [1, 100, 200, 200, 400, 1600]
+    assert gates["w0500"].message == "position at most 800 in queue 'a'"  # no usage figures: they change often
+    assert len(events) == 1000 and {e.queue for e in events} == {"a"}
+    assert [e.position for e in events[:2]] == [1, 2] and events[0].status == "queued"
+    changed.clear()
+    events.clear()
+
+    store.drop_job(("ml", "w0000"))  # the head leaves: 999 jobs move up one place
+    asyncio.run(mgr.plan_once())
+    # The 99 exact ones behind it, the job leaving, and one per bucket boundary crossed (200, 400, 800, 1600).
+    assert len(changed) <= 100 + 4, len(changed)
+    assert len(events) <= 99 + 4 and {e.position for e in events if e.jobId == "w0001"} == {1}
+    stats = mgr.queue_stats()["a"]
+    assert (stats.pending, stats.admitted, stats.quota, stats.usage) == (
+        999,
+        1,
+        {"nvidia.com/gpu": 2.0},
+        {"nvidia.com/gpu": 2.0},
+    )
+
+
+def test_the_start_estimate_comes_from_the_queues_finished_jobs_and_is_sent_with_the_position(monkeypatch: Any) -> None:
+    import asyncio
+
+    store, mgr, _, events = _full_queue(monkeypatch, 2, event_interval=0.0)
+    asyncio.run(mgr.plan_once())
+    assert [e.estimatedStart for e in events] == [None, None]  # nothing finished yet
+    for i, minutes in enumerate((10, 20, 30)):  # three finished jobs of the queue: 10, 20 and 30 minutes
+        mgr.job_changed(job(f"done{i}", {"queue": "a"}, {
+            "phase": "Succeeded", "completionTime": f"2026-01-01T12:{minutes:02d}:00Z",
+            "admission": {"queue": "a", "admittedAt": T0},
+        }))  # fmt: skip
+    assert mgr.durations.of("a") == [600.0, 1200.0, 1800.0]
+    mgr.clock = lambda: datetime(2026, 1, 1, 13, 0, tzinfo=UTC)
+    events.clear()
+    store.drop_job(("ml", "w0000"))
+    asyncio.run(mgr.plan_once())
+    # Position 1, one job running, a mean of 20 minutes: about 20 minutes from now.
+    assert [(e.jobId, e.position, e.estimatedStart) for e in events] == [("w0001", 1, "2026-01-01T13:20:00Z")]

@@ -232,7 +232,12 @@ class Preempting(WireModel):
 
 
 class QueuePosition(WireModel):
-    position: int = Field(0, ge=0, description="1-based place in its queue while it waits (0: in no queue).")
+    position: int = Field(
+        0,
+        ge=0,
+        description="1-based place in its queue while it waits (0: in no queue); exact for the first "
+        "GPUJOB_QUEUE_EXACT_POSITIONS, an upper bound (K*2^m) behind them.",
+    )
 
 
 class GpuJobStatus(WireModel):

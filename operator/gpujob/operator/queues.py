@@ -360,7 +360,8 @@ class QueueManager:
         """The reconciler's word: the position as written (exact for the first K, an upper bound behind, so that
         one job leaving the head rewrites K + log2(N/K) statuses, not N), with a message that changes with it."""
         shown = published_position(wait.position, self.exact_positions)
-        message = wait.message if shown == wait.position else f"position at most {shown} in queue {w.queue!r}"
+        exact = wait.position <= self.exact_positions
+        message = wait.message if exact else f"position at most {shown} in queue {w.queue!r}"
         return QueueGate(wait.reason.value, shown, message)
 
     def _send_positions(self, result: Plan, by_key: Mapping[str, Workload]) -> None:
