@@ -20,6 +20,7 @@ from gpujob.bridge.intake import BridgeStats, run_bridge
 from gpujob.events import SyncEventPublisher, make_event, sync_client
 from gpujob.sandbox.procs import ManagedProcess, free_port, port_open, require_binary
 from gpujob.settings import Settings
+from tests.support.logs import JsonLogs
 from tests.support.operator import Cluster
 
 PASSWORD = "s3cret-Pa55"
@@ -97,18 +98,16 @@ async def test_bridge_over_tls_as_an_acl_user(emulator: Any, tls_redis: TlsRedis
     producer.close()
 
 
-async def test_bridge_without_the_ca_keeps_trying_and_stops_cleanly(
-    tls_redis: TlsRedis, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_bridge_without_the_ca_keeps_trying_and_stops_cleanly(tls_redis: TlsRedis, json_logs: JsonLogs) -> None:
     settings = Settings(redis_url=tls_redis.url, read_block_ms=50)  # the private CA is not trusted
     stop = asyncio.Event()
     task = asyncio.create_task(run_bridge(settings, stop))
     deadline = asyncio.get_running_loop().time() + 15
-    while sum("reconnecting" in r.getMessage() for r in caplog.records) < 2:
+    while len(retries := json_logs.records("bridge lost Redis, reconnecting")) < 2:
         assert not task.done(), "a TLS failure must not end the bridge"
         assert asyncio.get_running_loop().time() < deadline, "the bridge to retry"
         await asyncio.sleep(0.05)
-    assert "certificate verify failed" in caplog.text
+    assert all("certificate verify failed" in r["error"] for r in retries), retries
     assert not task.done()
     stop.set()
     await asyncio.wait_for(task, 15)

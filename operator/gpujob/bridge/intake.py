@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,9 +57,10 @@ from gpujob.bridge.reading import (
     reads_of,
 )
 from gpujob.events import EventPublisher, async_client, make_event
+from gpujob.logging import bind_job, get_logger
 from gpujob.settings import Settings
 
-log = logging.getLogger("gpujob.bridge")
+log = get_logger("gpujob.bridge")
 
 MAX_BACKOFF = 30.0
 TRANSIENT_RETRIES = 4  # in place, with back-off from RETRY_DELAY: ~4 s before the entry is left pending
@@ -168,12 +168,12 @@ class Bridge:
                 return
             except (RedisError, OSError) as exc:
                 self.stats.redis_up = False
-                log.warning("bridge lost Redis (%s); reconnecting in %.1fs", exc, delay)
+                log.warning("bridge lost Redis, reconnecting", error=str(exc), retry_in=delay)
             except Transient as exc:
-                log.warning("bridge paused: %s", exc)
+                log.warning("bridge paused until the API server answers", error=str(exc))
                 await self._wait_for_api(stop)
             except Exception:  # a bug must not end the intake for the operator's lifetime
-                log.exception("bridge failed; restarting in %.1fs", delay)
+                log.exception("bridge failed, restarting", retry_in=delay)
             if loop.time() - started > HEALTHY_AFTER:
                 delay = 0.5  # it served for a while: this is a new incident, not the same one going on
             with contextlib.suppress(TimeoutError):
@@ -227,7 +227,7 @@ class Bridge:
                 await kube.ping()
                 return
             except Exception as exc:  # any failure means "not yet"
-                log.info("API server not reachable (%r); checking again in %.1fs", exc, delay)
+                log.info("API server not reachable, checking again", error=repr(exc), retry_in=delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
             delay = min(MAX_BACKOFF, delay * 2)
@@ -258,7 +258,7 @@ class Bridge:
             reads = reads_of(rows)
             await self._drop_gone([r.entry_id for r in reads if r.gone])
             if entries := [r for r in reads if not r.gone]:
-                log.info("claimed %d abandoned request(s)", len(entries))
+                log.info("abandoned requests claimed", count=len(entries))
                 await self.handle_batch(entries, redelivered=True)
             if cursor == "0-0":
                 return
@@ -381,19 +381,20 @@ class Bridge:
         restarted refuses everyone for a moment, but one namespace the operator may not write to must not hold
         up the whole stream."""
         delay = RETRY_DELAY
-        for attempt in range(TRANSIENT_RETRIES + 1):
-            try:
-                return await self._apply(entry, entry_id)
-            except (Transient, Forbidden) as exc:
-                self.stats.transient_errors_total += 1
-                if attempt == TRANSIENT_RETRIES or self._stop.is_set():
-                    if isinstance(exc, Forbidden):
-                        raise InvalidEntry(exc.reason) from None
-                    raise
-                log.info("%s; retrying in %.2fs", exc, delay)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), delay)
-                delay = min(MAX_BACKOFF, delay * 2)
+        with bind_job(entry.job_id, entry=entry_id):  # its lines (ours, the API wrapper's) name the request
+            for attempt in range(TRANSIENT_RETRIES + 1):
+                try:
+                    return await self._apply(entry, entry_id)
+                except (Transient, Forbidden) as exc:
+                    self.stats.transient_errors_total += 1
+                    if attempt == TRANSIENT_RETRIES or self._stop.is_set():
+                        if isinstance(exc, Forbidden):
+                            raise InvalidEntry(exc.reason) from None
+                        raise
+                    log.info("request failed, retrying", error=str(exc), retry=attempt + 1, retry_in=delay)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stop.wait(), delay)
+                    delay = min(MAX_BACKOFF, delay * 2)
         raise AssertionError("unreachable")
 
     def _namespace(self, entry: Entry) -> str:
@@ -468,7 +469,7 @@ class Bridge:
         pipe.xack(self.stream, self.group, read.entry_id)
         pipe.hdel(self.failures_key, read.entry_id)
         await pipe.execute()
-        log.warning("request %s dead-lettered: %s", read.entry_id, reason)
+        log.warning("request dead-lettered", entry=read.entry_id, reason=reason)
         self.stats.dead_lettered_total[reason_kind(reason)] += 1
         self.stats.requests_total[RequestOutcome.DEAD_LETTERED] += 1
         return RequestOutcome.DEAD_LETTERED
@@ -492,7 +493,7 @@ class Bridge:
         except (RedisError, OSError):
             raise
         except Exception:  # a bug here must not keep the entry from its dead letter (the intake stays total)
-            log.exception("rejected event for %r not published", job_id)
+            log.exception("rejected event not published", job_id=job_id)
 
 
 def _text(value: Any) -> str:
