@@ -97,3 +97,43 @@ def test_a_job_over_its_namespaces_quota_waits_queued_and_runs_when_the_quota_fr
     cluster.core.patch_namespaced_resource_quota("one-pod", cluster.namespace, {"spec": {"hard": {"pods": "2"}}})
     cluster.wait_pod("third", 1, timeout=120)
     assert cluster.status("third").get("failures", 0) == 0
+
+
+def test_a_pod_stuck_terminating_surfaces_and_the_job_moves_on_once_it_is_gone(
+    operator: OperatorProcess, cluster: Cluster
+) -> None:
+    """Item 6: a running Pod deleted while a finalizer holds it (as a lost node's Pod waits for a kubelet that never
+    answers) stays Running with a deletionTimestamp. The job says so (condition PodTerminating, since when, what
+    holds it) and starts no second Pod; once the finalizer goes and the Pod with it, the next attempt starts,
+    uncounted, and the condition turns False."""
+    cluster.create_job("held", {"type": "train_lora", "retries": {"limit": 0}})
+    pod = cluster.wait_pod("held", 1).metadata.name
+    cluster.set_pod(pod, "Running")
+    cluster.wait_phase("held", Phase.RUNNING)
+    cluster.core.patch_namespaced_pod(pod, cluster.namespace, {"metadata": {"finalizers": ["test.gpujob.dev/hold"]}})
+    cluster.core.delete_namespaced_pod(pod, cluster.namespace)
+
+    def terminating() -> dict[str, Any] | None:
+        conditions = {c["type"]: c for c in cluster.status("held").get("conditions") or []}
+        held = conditions.get("PodTerminating")
+        return held if held and held["status"] == "True" else None
+
+    held = cluster.wait_until(terminating, what="the PodTerminating condition")
+    assert held["reason"] == Reason.POD_TERMINATING and "test.gpujob.dev/hold" in held["message"]
+    assert pod in held["message"] and "since" in held["message"]
+    status = cluster.status("held")
+    assert status["phase"] == Phase.RUNNING and status["reason"] == Reason.POD_TERMINATING
+    assert [p.metadata.name for p in cluster.pods("held")] == [pod]  # no second Pod while it may still run
+
+    cluster.core.patch_namespaced_pod(pod, cluster.namespace, {"metadata": {"finalizers": None}})
+    cluster.wait_pod("held", 2)
+    moved = cluster.wait_until(
+        lambda: (
+            (s := cluster.status("held")).get("attempts") == 2
+            and {c["type"]: c for c in s["conditions"]}["PodTerminating"]["status"] == "False"
+            and s
+        ),
+        what="attempt 2 and the condition False",
+    )
+    assert moved["failures"] == 0
+    assert {c["type"]: c for c in moved["conditions"]}["PodTerminating"]["reason"] == Reason.POD_GONE

@@ -97,6 +97,9 @@ class ConditionType(StrEnum):
     COMPLETE = "Complete"
     FAILED = "Failed"
     ADMITTED = "Admitted"  # the job's queue admitted it (only for a job with spec.queue while GpuQueues exist)
+    # A Pod of the job outlived its deletion's grace period (a finalizer, or a node that never confirms): the
+    # next attempt waits for it to be gone.
+    POD_TERMINATING = "PodTerminating"
 
 
 class Reason(StrEnum):
@@ -121,6 +124,11 @@ class Reason(StrEnum):
     PENDING_TIMEOUT = "PendingTimeout"  # pendingTimeoutSeconds passed and the Pod gave no reason of its own
     POD_DELETED = "PodDeleted"  # deleted or evicted from outside: not the job's own failure
     EVICTED = "Evicted"
+    # A Pod stuck terminating (condition PodTerminating): held by finalizers, or its node's kubelet never
+    # confirms its end (NodeLost); PodGone once it is.
+    POD_TERMINATING = "PodTerminating"
+    NODE_LOST = "NodeLost"
+    POD_GONE = "PodGone"
     NODE_REJECTED = "NodeRejected"  # the kubelet refused to admit the Pod (UnexpectedAdmissionError, OutOf<resource>)
     # Evicted for exceeding the job's own ephemeral-storage limit or an emptyDir sizeLimit: the job's failure.
     EPHEMERAL_STORAGE_EXCEEDED = "EphemeralStorageExceeded"

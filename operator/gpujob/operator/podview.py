@@ -84,6 +84,10 @@ class PodView:
     result: str | None = None  # the worker's termination message (JSON)
     resource_version: str | None = None
     disruption: str | None = None  # reason of a DisruptionTarget=True condition: taken away from outside
+    # metadata.deletionTimestamp: when a Pod being deleted should be gone (the request's time plus its grace
+    # period); and the finalizers that may hold it past that.
+    deletion_deadline: datetime | None = None
+    finalizers: tuple[str, ...] = ()
 
     @property
     def active(self) -> bool:
@@ -93,6 +97,17 @@ class PodView:
     def worker_finished(self) -> bool:
         """The worker's container has terminated (its exit code is known), whatever other containers do."""
         return self.exit_code is not None
+
+    def overdue(self, now: datetime) -> bool:
+        """Being deleted, still Pending/Running past its deletion's grace period: a finalizer holds it, or no
+        kubelet confirms its end (a lost node without the taint manager's mark, a kubelet that is down)."""
+        return (
+            self.deleting
+            and self.phase in ALIVE_POD_PHASES
+            and not self.lost
+            and self.deletion_deadline is not None
+            and self.deletion_deadline <= now
+        )
 
     @property
     def lost(self) -> bool:
@@ -137,6 +152,8 @@ def pod_view(pod: dict[str, Any]) -> PodView:
         phase=status.get("phase") or PodPhase.PENDING,
         created=parse_time(meta.get("creationTimestamp")),
         deleting=bool(meta.get("deletionTimestamp")),
+        deletion_deadline=parse_time(meta.get("deletionTimestamp")),
+        finalizers=tuple(str(f) for f in meta.get("finalizers") or ()),
         node_name=spec.get("nodeName"),
         started_at=started or parse_time(status.get("startTime")),
         finished_at=finished,

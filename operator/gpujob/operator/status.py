@@ -308,6 +308,8 @@ def decide(
     else:
         _observe_pod(b, d, spec, pod, now, pods)
     d.delete_pods += [name for name in stale if name not in d.delete_pods]
+    if not (b.status.phase and b.status.phase.terminal):
+        _stuck_terminating(b, d, pods, now)
     if b.status.phase is Phase.SUCCEEDED:
         b.status.progress = Progress(percent=100.0, message=(b.status.progress.message if b.status.progress else ""))
     d.transitions = b.transitions
@@ -383,6 +385,51 @@ def _observe_pod(b: _Builder, d: Decision, spec: GpuJobSpec, pod: PodView, now: 
         _attempt_failed(b, d, spec, pod, failure, message)
         if b.status.phase is Phase.FAILED:
             _ttl(spec, b.status, now, d)
+
+
+# Phases whose reason the stuck Pod is: its attempt is the current one (Retrying, Suspended, Queued keep theirs).
+_ATTEMPT_PHASES = frozenset({Phase.SCHEDULED, Phase.PENDING, Phase.RUNNING})
+
+
+def _stuck_terminating(b: _Builder, d: Decision, pods: list[PodView], now: datetime) -> None:
+    """A Pod of the job still Pending/Running past its deletion's grace period: the next attempt waits for it to
+    be gone (never two Pods of one job), and the status says why. Condition PodTerminating: True with reason
+    PodTerminating (finalizers hold it) or NodeLost (bound to a node whose kubelet never confirms its end; a real
+    cluster frees it by a force delete or the node.kubernetes.io/out-of-service taint), since when; False with
+    PodGone once it is gone. A Pod whose grace period runs on is looked at again when it ends."""
+    overdue = sorted((p for p in pods if p.overdue(now)), key=lambda p: (p.deletion_deadline or now, p.name))
+    if not overdue:
+        held = next((c for c in b.status.conditions if c.type == ConditionType.POD_TERMINATING), None)
+        if held is not None and held.status == "True":
+            b.cond(ConditionType.POD_TERMINATING, False, Reason.POD_GONE, "the terminating Pod is gone")
+        due = [p.deletion_deadline for p in pods if p.deleting and p.phase in ALIVE_POD_PHASES and not p.lost]
+        if due := [t for t in due if t is not None]:
+            wait = (min(due) - now).total_seconds()
+            d.requeue_after = wait if d.requeue_after is None else min(d.requeue_after, wait)
+        return
+    pod = overdue[0]
+    since = iso(pod.deletion_deadline or now)
+    late = int((now - (pod.deletion_deadline or now)).total_seconds())
+    if pod.finalizers:
+        reason, why = Reason.POD_TERMINATING, f"held by finalizers {', '.join(pod.finalizers)}"
+    elif pod.node_name:
+        reason = Reason.NODE_LOST
+        why = (
+            f"node {pod.node_name} has not confirmed its end (a lost node: force delete the Pod, or taint the node "
+            "node.kubernetes.io/out-of-service=nodeshutdown:NoExecute)"
+        )
+    else:
+        reason, why = Reason.POD_TERMINATING, "its end is not confirmed"
+    message = (
+        f"Pod {pod.name} is still {pod.phase} past its deletion's grace period (since {since}, {late}s when "
+        f"seen): {why}; the next attempt waits until it is gone"
+    )
+    held = next((c for c in b.status.conditions if c.type == ConditionType.POD_TERMINATING), None)
+    if held is not None and held.status == "True" and held.reason == reason and pod.name in held.message:
+        message = held.message  # said once, with the time it was first seen late: no write on every pass
+    b.cond(ConditionType.POD_TERMINATING, True, reason, message)
+    if b.status.phase in _ATTEMPT_PHASES and pod.attempt == b.status.attempts:
+        b.phase(b.status.phase, reason, message)
 
 
 def _succeed(b: _Builder, d: Decision, spec: GpuJobSpec, pod: PodView, now: datetime) -> None:
