@@ -12,6 +12,7 @@ from gpujob.api.constants import EventReason, Phase, Reason
 from gpujob.operator.kevents import EventRecorder, EventSpec, events_for
 from gpujob.operator.podview import PodView, pod_view
 from gpujob.operator.status import Decision, decide
+from tests.support.logs import JsonLogs
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 FAST = {"limit": 1, "backoffSeconds": 5, "maxBackoffSeconds": 5}
@@ -247,7 +248,7 @@ def test_a_hot_loop_is_rate_limited_and_the_queue_is_bounded() -> None:
     asyncio.run(main())
 
 
-def test_posting_failures_never_reach_the_caller() -> None:
+def test_posting_failures_never_reach_the_caller(json_logs: JsonLogs) -> None:
     async def main() -> None:
         api = FakeApi(fail=True)
         recorder = EventRecorder("op", create=api.create, patch=api.patch)
@@ -258,3 +259,5 @@ def test_posting_failures_never_reach_the_caller() -> None:
         task.cancel()
 
     asyncio.run(main())
+    [logged] = json_logs.records("posting a Kubernetes Event failed")  # logged, with what and for whom
+    assert (logged["job"], logged["reason"], logged["error"], logged["failed"]) == ("ns/j", "Retrying", "API down", 1)

@@ -25,9 +25,10 @@ from typing import Any, Final
 from gpujob import kube
 from gpujob.api.constants import API_VERSION, GROUP, KIND, ConditionType, EventReason, Phase, Reason
 from gpujob.api.models import GpuJobStatus
+from gpujob.logging import get_logger
 from gpujob.operator.status import Decision
 
-log = logging.getLogger("gpujob.kevents")
+log = get_logger("gpujob.kevents")
 
 REPORTING_CONTROLLER: Final = f"{GROUP}/operator"
 NORMAL: Final = "Normal"
@@ -273,7 +274,17 @@ class EventRecorder:
             except Exception as exc:  # best effort: an Event is never worth a retry loop
                 self.failed += 1
                 level = logging.DEBUG if self.failed > 10 and self.failed % 100 else logging.WARNING
-                log.log(level, "posting a Kubernetes Event failed (%s); %d so far", kube.message_of(exc), self.failed)
+                job = (body.get("regarding") or {}).get("name")  # (a series' patch names only its Event)
+                where = {"job": f"{key[0]}/{job}"} if job else {"namespace": key[0]}
+                log.log(
+                    level,
+                    "posting a Kubernetes Event failed",
+                    error=kube.message_of(exc),
+                    failed=self.failed,  # so far
+                    reason=key[3],
+                    write=kind,
+                    **where,
+                )
                 if kind == "create":
                     self._series.pop(key, None)  # the next occurrence creates it anew
 

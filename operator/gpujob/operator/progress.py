@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -24,10 +23,11 @@ from gpujob.api.events import ProgressEvent
 from gpujob.api.models import GpuJobStatus, Progress
 from gpujob.api.naming import job_id_of
 from gpujob.events import AsyncPublisher, make_event
+from gpujob.logging import get_logger
 from gpujob.operator.cache import JobKey, Store
 from gpujob.operator.status import Transition
 
-log = logging.getLogger("gpujob.progress")
+log = get_logger("gpujob.progress")
 
 MAX_BACKOFF = 30.0
 EVENT_SOURCE = "operator"  # marks our own events, so the mirror never echoes them into status
@@ -90,12 +90,8 @@ class EventForwarder:
                 try:
                     await self.publisher.publish(self._queue[0])
                 except (redis.RedisError, OSError) as exc:
-                    log.warning(
-                        "publishing events failed (%s); %d queued, retry in %.1fs",
-                        exc,
-                        len(self._queue),
-                        delay,
-                    )
+                    queued = len(self._queue)
+                    log.warning("publishing events failed, retrying", error=str(exc), queued=queued, retry_in=delay)
                     await asyncio.sleep(delay)
                     delay = min(MAX_BACKOFF, delay * 2)
                     continue
@@ -136,7 +132,7 @@ class ProgressMirror:
                             if message and message.get("type") == "pmessage":
                                 self.handle(message["data"])
                 except (redis.RedisError, OSError) as exc:
-                    log.warning("progress subscription lost (%s); reconnecting in %.1fs", exc, delay)
+                    log.warning("progress subscription lost, reconnecting", error=str(exc), retry_in=delay)
                     await asyncio.sleep(delay)
                     delay = min(MAX_BACKOFF, delay * 2)
         finally:
