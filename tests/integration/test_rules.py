@@ -45,6 +45,9 @@ REQUIRED_PANELS = {
     "GPU utilisation per job",
     "GPU memory per job",
     "GPU power per job",
+    "Queue pending and admitted jobs",
+    "Queue GPUs: usage and borrowed vs quota",
+    "Queue admission wait percentiles",
 }
 REQUIRED_ALERTS = {
     "GpuJobFailureRatioHigh",
@@ -56,6 +59,8 @@ REQUIRED_ALERTS = {
     "GpuJobBridgeRedisDown",
     "GpuJobHandlerErrors",
     "GpuJobOperatorDown",
+    "GpuJobQueueStarving",
+    "GpuJobQueueQuotaIdleWhileWaiting",
 }
 # Grafana's variables, as a dashboard would expand them against a 1 s scrape interval.
 GRAFANA_VARIABLES = {

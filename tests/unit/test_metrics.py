@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gpujob import health
 from gpujob.api.constants import JobType, Phase, Reason
 from gpujob.health import Health, bound_port
-from gpujob.metrics import Metrics, StreamStatsSnapshot
+from gpujob.metrics import Metrics, QueueStats, StreamStatsSnapshot
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 LORA = JobType.TRAIN_LORA.value
@@ -447,7 +447,21 @@ def exercised_metrics() -> Metrics:
             redis_up=True,
         )
     )
+    m.queue_seen("renders")
+    m.queue_admitted("renders", 42.0)
+    m.queue_preempted("renders")
+    m.register_queue_stats(lambda: {"renders": RENDERS})
     return m
+
+
+RENDERS = QueueStats(
+    quota={"nvidia.com/gpu": 2.0},
+    usage={"nvidia.com/gpu": 3.0},
+    borrowed={"nvidia.com/gpu": 1.0},
+    pending=4,
+    admitted=3,
+    oldest_pending_since=datetime.now(UTC) - timedelta(minutes=5),
+)
 
 
 def test_every_family_is_exported_once_exercised() -> None:
@@ -469,8 +483,48 @@ def test_every_family_is_exported_once_exercised() -> None:
         "gpujob_requests_dead_lettered_total",
         "gpujob_requests_total",
         "gpujob_operator_info",
+        "gpujob_queue_pending_jobs",
+        "gpujob_queue_admitted_jobs",
+        "gpujob_queue_oldest_pending_age_seconds",
+        "gpujob_queue_quota",
+        "gpujob_queue_usage",
+        "gpujob_queue_borrowed",
+        "gpujob_queue_admissions_total",
+        "gpujob_queue_preemptions_total",
+        "gpujob_queue_admission_wait_seconds_bucket",
     ]:
         assert name in names, name
+
+
+def test_queue_figures_per_queue_and_series_from_the_start() -> None:
+    m = Metrics(clock=lambda: T0)
+    m.queue_seen("idle")  # a queue with no admission yet: its counters exist at 0 (increase() sees the first)
+    m.register_queue_stats(
+        lambda: {
+            "idle": QueueStats(quota={"nvidia.com/gpu": 1.0}),
+            "renders": replace(RENDERS, oldest_pending_since=T0 - timedelta(seconds=90)),
+        }
+    )
+    m.queue_admitted("renders", 30.0)
+    m.queue_preempted("renders")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in m.registry.collect() for s in f.samples}
+    assert samples[("gpujob_queue_admissions_total", (("queue", "idle"),))] == 0
+    assert samples[("gpujob_queue_admissions_total", (("queue", "renders"),))] == 1
+    assert samples[("gpujob_queue_preemptions_total", (("queue", "renders"),))] == 1
+    assert samples[("gpujob_queue_admission_wait_seconds_count", (("queue", "renders"),))] == 1
+    assert samples[("gpujob_queue_pending_jobs", (("queue", "renders"),))] == 4
+    assert samples[("gpujob_queue_oldest_pending_age_seconds", (("queue", "renders"),))] == 90
+    assert samples[("gpujob_queue_oldest_pending_age_seconds", (("queue", "idle"),))] == 0
+    gpu = (("queue", "renders"), ("resource", "nvidia.com/gpu"))
+    assert [samples[(n, gpu)] for n in ("gpujob_queue_quota", "gpujob_queue_usage", "gpujob_queue_borrowed")] == [
+        2,
+        3,
+        1,
+    ]
+    m.queue_gone("idle")
+    assert not [
+        s for f in m.registry.collect() for s in f.samples if s.labels.get("queue") == "idle" and "total" in s.name
+    ]
 
 
 async def test_readiness_follows_the_operator_watchers() -> None:
