@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from enum import StrEnum
@@ -21,8 +20,9 @@ from yarl import URL
 from gpujob import __version__
 from gpujob.api.constants import GROUP, MANAGER, PLURAL, VERSION
 from gpujob.api.queues import QUEUE_PLURAL
+from gpujob.logging import get_logger
 
-log = logging.getLogger("gpujob.kube")
+log = get_logger("gpujob.kube")
 
 T = TypeVar("T")
 
@@ -115,7 +115,7 @@ async def wait_for_discovery(wanted: dict[str, str], cap: float = 5.0) -> None:
         missing = [f"{gv}/{res}" for gv, res in wanted.items() if res not in await served_resources(gv)]
         if not missing:
             return
-        log.warning("waiting for the API server to serve %s", ", ".join(missing))
+        log.warning("waiting for the API server to serve resources", missing=missing, retry_in=delay)
         await asyncio.sleep(delay)
         delay = min(cap, delay * 2)
 
@@ -382,7 +382,7 @@ async def list_gpuqueues() -> list[dict[str, Any]] | None:
         )
     except ApiException as exc:
         if exc.status in (403, 404):
-            log.warning("GpuQueues not readable (%s %s): no queues", exc.status, exc.reason)
+            log.warning("GpuQueues not readable, no queues", error=f"API {exc.status} {exc.reason}")
             return None
         raise
     items: list[dict[str, Any]] = listed.get("items") or []
