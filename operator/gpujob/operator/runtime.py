@@ -319,7 +319,7 @@ async def until_done(what: str, call: Callable[[], Awaitable[None]]) -> None:
         try:
             await call()
         except Exception as exc:
-            log.warning(f"{what} failed, retrying", error=kube.message_of(exc), retry_in=delay)
+            log.warning("start-up step failed, retrying", step=what, error=kube.message_of(exc), retry_in=delay)
             await asyncio.sleep(delay)
             delay = min(STARTUP_RETRY_CAP_SECONDS, delay * 2)
         else:
