@@ -18,8 +18,11 @@ whose `event` is a JSON object of this jobId, stamps the `jobId` field itself an
 progress ticks and before it revokes the user. What a job can still do with its credentials is bounded to its
 own job: publish false progress of itself, overwrite its own state and sequence number.
 
-Usernames are `gpujob-job:<namespace>:<name>:<uid>`: one user per GpuJob object, so a re-created GpuJob with the
-same name gets a new user and `sweep` can tell a live job's user from a leaked one.
+Usernames are `gpujob-job:<namespace>:<name>:<uid>[:<expires>]`: one user per GpuJob object, so a re-created
+GpuJob with the same name gets a new user and `sweep` can tell a live job's user from a leaked one. `<expires>` (Unix
+seconds) is when the credential stops being valid: Redis ACL users cannot expire by themselves, so `sweep` deletes a
+user past it even when its job still runs (the operator sweeps at start-up and periodically; while no operator runs
+nothing removes them).
 
 The operator's own ACL user needs, besides its `~gpujobs:* &gpujobs:*` rights, `+acl|setuser +acl|deluser
 +acl|users`; with `ACL SETUSER` it can create any user, so its password is as sensitive as the default user's.
@@ -69,9 +72,27 @@ def _literal(pattern: str) -> str:
     return _GLOB.sub(r"\\\1", pattern)
 
 
-def username(job: JobRef) -> str:
+def username(job: JobRef, expires: int | None = None) -> str:
     job.check()
-    return f"{USER_PREFIX}{job.namespace}:{job.name}:{job.uid}"
+    base = f"{USER_PREFIX}{job.namespace}:{job.name}:{job.uid}"
+    return base if expires is None else f"{base}:{expires}"
+
+
+def parse(name: str) -> tuple[str, str, str, int | None] | None:
+    """(namespace, name, uid, expires or None) of a job user's name; None when it is not one."""
+    if not name.startswith(USER_PREFIX):
+        return None
+    parts = name[len(USER_PREFIX) :].split(":")
+    if len(parts) == 3 and all(parts):
+        return parts[0], parts[1], parts[2], None
+    if len(parts) == 4 and all(parts[:3]) and parts[3].isdigit():
+        return parts[0], parts[1], parts[2], int(parts[3])
+    return None
+
+
+def _of_job(name: str, job: JobRef) -> bool:
+    base = username(job)
+    return name == base or name.startswith(f"{base}:")
 
 
 def job_stream(settings: Settings, job_id: str) -> str:
@@ -103,12 +124,16 @@ class RedisJobCredentials:
         self.settings = settings
         self._relay = client.register_script(_RELAY_SCRIPT)
 
-    async def create(self, job: JobRef) -> tuple[str, str]:
-        """(username, password) of the job's user; idempotent: a second call leaves one user with the same
-        rights and a new password (the old one stops working)."""
-        name = username(job)
+    async def create(self, job: JobRef, expires: int | None = None) -> tuple[str, str]:
+        """(username, password) of the job's user, valid until `expires` (Unix seconds; see `sweep`); idempotent:
+        a second call leaves one user of this job with the same rights and a new password (the old one, and
+        any user of this job with another expiry, stop working)."""
+        name = username(job, expires)
         password = secrets.token_urlsafe(32)
         await self._acl("SETUSER", name, *rules(self.settings, job, password))
+        for other in await self.users():
+            if other != name and _of_job(other, job):
+                await self._deluser(other)
         return name, password
 
     async def revoke(self, job: JobRef) -> bool:
@@ -116,7 +141,11 @@ class RedisJobCredentials:
         job's stream still holds into the shared stream first, then deletes the job's stream."""
         await self.relay(job.job_id)
         await self.client.delete(job_stream(self.settings, job.job_id))
-        return await self._deluser(username(job))
+        existed = False
+        for name in await self.users():
+            if _of_job(name, job):
+                existed = await self._deluser(name) or existed
+        return existed
 
     async def relay(self, job_id: str, batch: int = 1000) -> tuple[int, int]:
         """Move the job's stream into `gpujobs:events`: (moved, dropped); dropped entries were not events of
@@ -135,13 +164,30 @@ class RedisJobCredentials:
         decoded = (n.decode() if isinstance(n, bytes) else str(n) for n in names)
         return [n for n in decoded if n.startswith(USER_PREFIX)]
 
-    async def sweep(self, live: Iterable[JobRef]) -> list[str]:
-        """Delete every job user not of a live job (after an operator restart); returns the deleted names."""
-        keep = {username(job) for job in live}
-        gone = [name for name in await self.users() if name not in keep]
+    async def sweep(self, live: Iterable[JobRef], now: float | None = None) -> list[str]:
+        """Delete every job user not of a live job (after an operator restart), and, given `now` (Unix seconds),
+        every one past its expiry; returns the deleted names."""
+        keep = {(job.namespace, job.name, job.uid) for job in live}
+        gone = []
+        for name in await self.users():
+            parsed = parse(name)
+            expired = parsed is not None and parsed[3] is not None and now is not None and parsed[3] <= now
+            if parsed is None or parsed[:3] not in keep or expired:
+                gone.append(name)
         for name in gone:
             await self._deluser(name)
         return gone
+
+    async def delete(self, name: str) -> bool:
+        """Delete one job user by name (Redis closes its connections); True when it existed."""
+        return await self._deluser(name)
+
+    async def probe(self, tag: str) -> None:
+        """Raises unless this client may make, list and delete job users (what the operator needs)."""
+        name = f"{USER_PREFIX}probe-{tag}"
+        await self._acl("SETUSER", name, "reset", "off")
+        await self._acl("USERS")
+        await self._deluser(name)
 
     async def _acl(self, *args: str) -> Any:
         """One ACL subcommand (redis-py's typed acl_setuser has no way to pass a rule list as is)."""

@@ -11,11 +11,13 @@ serves it on the S3 port; `weed s3 -iam.readOnly=false`): `CreateUser gpujob-job
 - `s3:GetObject` on each input key exactly (every `s3Key` in `spec.params`).
 
 Revoking deletes the access keys, the policy and the user; the server refuses the keys at once
-(`InvalidAccessKeyId`). Tried first and not used: the same rights as static identities in `-s3.config`
+(`InvalidAccessKeyId`). User names are `gpujob-job-<uid>[-<expires>]`: `<expires>` (Unix seconds) is when the keys
+stop being valid, enforced by `sweep` (the operator's start-up and periodic sweeps): SeaweedFS 4.48's embedded IAM
+cannot expire them itself (it refuses every request under an `aws:CurrentTime` condition, even one that holds, and
+takes no `Deny`; tried). Tried first and not used: the same rights as static identities in `-s3.config`
 (`Write:bucket/prefix/*`) work but need a restart to change. STS with a session policy (MinIO's AssumeRole) would
-add expiry; SeaweedFS 4.48 serves STS only with its advanced IAM config (OIDC/roles), so keys here live until
-revoked or swept (`sweep` after an operator restart). On MinIO, whose admin API is not the AWS IAM API, the same
-policy fits `AssumeRole` with an inline policy; not implemented.
+add expiry by the server; SeaweedFS 4.48 serves STS only with its advanced IAM config (OIDC/roles). On MinIO, whose
+admin API is not the AWS IAM API, the same policy fits `AssumeRole` with an inline policy; not implemented.
 
 Inputs must not contain `*`, `?` or `$` (policy wildcards and variables) and must not lie under another job's
 artifact prefix (any `loras/`, `voices/`, `videos/`, `jobs/` key but the job's own): a GpuJob's author could
@@ -55,10 +57,20 @@ class IamError(RuntimeError):
         self.status = status
 
 
-def user_name(job: JobRef) -> str:
-    """`gpujob-job-<uid>` (IAM names are at most 64 characters; the uid names one GpuJob object)."""
+def user_name(job: JobRef, expires: int | None = None) -> str:
+    """`gpujob-job-<uid>[-<expires>]` (IAM names are at most 64 characters; the uid names one GpuJob object)."""
     job.check()
-    return f"{USER_PREFIX}{job.uid}"
+    return f"{USER_PREFIX}{job.uid}" if expires is None else f"{USER_PREFIX}{job.uid}-{expires}"
+
+
+def parse(name: str) -> tuple[str, int | None] | None:
+    """(uid, expires or None) of a job user's name; None when it is not one."""
+    if not name.startswith(USER_PREFIX):
+        return None
+    match = re.fullmatch(r"([0-9a-fA-F-]{36})(?:-(\d+))?", name[len(USER_PREFIX) :])
+    if match is None:
+        return None
+    return match.group(1), int(match.group(2)) if match.group(2) else None
 
 
 def check_inputs(job: JobRef) -> None:
@@ -131,7 +143,9 @@ class S3JobCredentials:
         if settings.s3_access_key is None or settings.s3_secret_key is None:
             raise ValueError("per-job S3 credentials need the operator's GPUJOB_S3_ACCESS_KEY/SECRET_KEY")
         self.settings = settings
-        self.http = http or urllib3.PoolManager(timeout=urllib3.Timeout(connect=3.0, read=30.0), retries=False)
+        self.http = http or urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=3.0, read=30.0), retries=False, maxsize=4
+        )
         self._keys = (settings.s3_access_key.get_secret_value(), settings.s3_secret_key.get_secret_value())
 
     @property
@@ -155,10 +169,11 @@ class S3JobCredentials:
             raise IamError(action, response.status, code, message)
         return root
 
-    def create(self, job: JobRef) -> tuple[str, str]:
-        """(access key, secret key) of the job's user; idempotent: a second call leaves one user with the same
-        policy and only the new key (earlier keys are deleted)."""
-        name = user_name(job)
+    def create(self, job: JobRef, expires: int | None = None) -> tuple[str, str]:
+        """(access key, secret key) of the job's user, valid until `expires` (Unix seconds; see `sweep`);
+        idempotent: a second call leaves one user of this job with the same policy and only the new key (earlier
+        keys, and users of this job with another expiry, are deleted)."""
+        name = user_name(job, expires)
         document = json.dumps(policy(self.bucket, job))
         try:
             self.call("CreateUser", UserName=name)
@@ -169,22 +184,40 @@ class S3JobCredentials:
         root = self.call("CreateAccessKey", UserName=name)
         access, secret = _find(root, "AccessKeyId")[0], _find(root, "SecretAccessKey")[0]
         self.call("PutUserPolicy", UserName=name, PolicyName=POLICY_NAME, PolicyDocument=document)
+        for other in self.users():
+            if other != name and (parse(other) or ("",))[0] == job.uid:
+                self._delete_user(other)
         return access, secret
 
     def revoke(self, job: JobRef) -> bool:
-        """Delete the job's keys, policy and user; True when the user existed."""
-        return self._delete_user(user_name(job))
+        """Delete the job's keys, policy and user(s); True when one existed."""
+        job.check()
+        existed = False
+        for name in self.users():
+            if (parse(name) or ("",))[0] == job.uid:
+                existed = self._delete_user(name) or existed
+        return existed
 
     def users(self) -> list[str]:
         return [n for n in _find(self.call("ListUsers"), "UserName") if n.startswith(USER_PREFIX)]
 
-    def sweep(self, live: Iterable[JobRef]) -> list[str]:
-        """Delete every job user not of a live job (after an operator restart); returns the deleted names."""
-        keep = {user_name(job) for job in live}
-        gone = [name for name in self.users() if name not in keep]
+    def sweep(self, live: Iterable[JobRef], now: float | None = None) -> list[str]:
+        """Delete every job user not of a live job (after an operator restart), and, given `now` (Unix seconds),
+        every one past its expiry; returns the deleted names."""
+        keep = {job.uid for job in live}
+        gone = []
+        for name in self.users():
+            parsed = parse(name)
+            expired = parsed is not None and parsed[1] is not None and now is not None and parsed[1] <= now
+            if parsed is None or parsed[0] not in keep or expired:
+                gone.append(name)
         for name in gone:
             self._delete_user(name)
         return gone
+
+    def delete(self, name: str) -> bool:
+        """Delete one job user by name (keys, policy, user); True when it existed."""
+        return self._delete_user(name)
 
     def _delete_keys(self, name: str) -> None:
         for key in _find(self.call("ListAccessKeys", UserName=name), "AccessKeyId"):
