@@ -292,6 +292,21 @@ async def delete_pod(namespace: str, name: str, grace_seconds: int | None = None
     )
 
 
+async def create_secret(namespace: str, body: dict[str, Any]) -> Effect:
+    """Create a Secret (a job's own credentials; 409: one of that name exists)."""
+    core: Any = client.CoreV1Api(await api_client())
+    return await _write(
+        core.create_namespaced_secret(namespace, body, _preload_content=False), Effect.CREATED, Effect.EXISTED, 409
+    )
+
+
+async def delete_secret(namespace: str, name: str) -> Effect:
+    core: Any = client.CoreV1Api(await api_client())
+    return await _write(
+        core.delete_namespaced_secret(name, namespace, _preload_content=False), Effect.DELETED, Effect.ABSENT, 404
+    )
+
+
 async def create_gpujob(namespace: str, body: dict[str, Any]) -> Effect:
     custom: Any = client.CustomObjectsApi(await api_client())
     return await _write(

@@ -35,7 +35,25 @@ class OperatorSettings(BaseSettings):
     models_pvc: str = Field("gpujob-models", description="Default PVC mounted at /opt/models.")
     worker_secret: str = Field(
         "gpujob-worker",
-        description="Secret in the job's namespace whose keys become the Pod's env (optional).",
+        description="Secret in the job's namespace whose keys become the Pod's env (optional); only when per-job "
+        "credentials are off (GPUJOB_CREDENTIALS_MODE).",
+    )
+    credentials_mode: str = Field(
+        "auto",
+        pattern="^(auto|on|off)$",
+        description="Per-job credentials: each attempt gets a Redis user and S3 keys of its own job only, in a "
+        "Secret mounted as files, revoked when the job ends (README threat model). on: required (start-up fails "
+        "without the admin rights); auto: on when the operator has S3 keys and may make users with them and "
+        "on Redis (when configured), else off; off: job Pods get GPUJOB_WORKER_SECRET as env (shared credentials).",
+    )
+    credentials_margin_seconds: int = Field(
+        600, ge=0, description="Per-job credentials expire this long after pendingTimeoutSeconds + timeoutSeconds."
+    )
+    credentials_lifetime_seconds: int = Field(
+        86_400, ge=60, description="Per-job credentials' lifetime (before the margin) for jobs without timeoutSeconds."
+    )
+    credentials_sweep_interval: float = Field(
+        60.0, gt=0, description="Seconds between sweeps that delete expired per-job users and those of ended jobs."
     )
     worker_env_passthrough: list[str] = Field(
         default_factory=lambda: [
@@ -150,6 +168,11 @@ class WorkerSettings(BaseSettings):
         "/dev/termination-log", description="Where the worker writes its result for the operator."
     )
     checkpoint_every_seconds: float = Field(60.0, description="Min seconds between checkpoints.")
+    credentials_dir: str | None = Field(
+        None,
+        description="Directory of the job's credential files (the operator mounts its per-job Secret there): each "
+        "file named GPUJOB_REDIS_URL, GPUJOB_S3_ACCESS_KEY, ... sets that setting, over the environment.",
+    )
 
 
 class ObservabilitySettings(BaseSettings):

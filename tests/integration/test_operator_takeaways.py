@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from gpujob.api.constants import Phase, Reason
+from gpujob.api.constants import GROUP, PLURAL, VERSION, Phase, Reason
+from tests.support.kubernetes import ApiTarget
 from tests.support.operator import Cluster, OperatorProcess
 
 
@@ -137,3 +138,33 @@ def test_a_pod_stuck_terminating_surfaces_and_the_job_moves_on_once_it_is_gone(
     )
     assert moved["failures"] == 0
     assert {c["type"]: c for c in moved["conditions"]}["PodTerminating"]["reason"] == Reason.POD_GONE
+
+
+def test_a_job_id_names_one_job_cluster_wide_a_later_one_in_another_namespace_fails(
+    operator_factory: Any, cluster: Cluster, api: ApiTarget
+) -> None:
+    """Item 17: the same jobId in two namespaces used to share one progress channel, state and mirror lookup. A
+    jobId names one job in the cluster: the later GpuJob (here, same name and spec.jobId in a second namespace)
+    fails as DuplicateJobId with no Pod, and the first runs on, untouched."""
+    other = f"{cluster.namespace}-b"
+    cluster.core.create_namespace({"metadata": {"name": other}})
+    try:
+        # The real control plane's operator is scoped to the test's namespace: it watches the second one too.
+        operator_factory(args=("--namespace", other) if api.backend == "kubernetes" else ())
+        first = cluster.create_job("train", {"type": "train_lora", "jobId": "shared-id"})
+        cluster.wait_pod("train", 1)
+        body = {**first, "metadata": {"name": "train"}}
+        body.pop("status", None)
+        cluster.custom.create_namespaced_custom_object(GROUP, VERSION, other, PLURAL, body)
+
+        def failed() -> dict[str, Any] | None:
+            job = cluster.custom.get_namespaced_custom_object(GROUP, VERSION, other, PLURAL, "train")
+            status: dict[str, Any] = job.get("status") or {}
+            return status if status.get("phase") == Phase.FAILED else None
+
+        status = cluster.wait_until(failed, what="the duplicate to fail")
+        assert status["reason"] == Reason.DUPLICATE_JOB_ID and f"{cluster.namespace}/train" in status["message"]
+        assert not cluster.core.list_namespaced_pod(other).items and status.get("attempts", 0) == 0
+        assert cluster.status("train")["phase"] == cluster.resting_phase and len(cluster.pods("train")) == 1
+    finally:
+        cluster.core.delete_namespace(other)

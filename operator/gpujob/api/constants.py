@@ -129,6 +129,8 @@ class Reason(StrEnum):
     POD_TERMINATING = "PodTerminating"
     NODE_LOST = "NodeLost"
     POD_GONE = "PodGone"
+    # Another (older) GpuJob, in any namespace, has the same jobId: a jobId names one job cluster-wide.
+    DUPLICATE_JOB_ID = "DuplicateJobId"
     NODE_REJECTED = "NodeRejected"  # the kubelet refused to admit the Pod (UnexpectedAdmissionError, OutOf<resource>)
     # Evicted for exceeding the job's own ephemeral-storage limit or an emptyDir sizeLimit: the job's failure.
     EPHEMERAL_STORAGE_EXCEEDED = "EphemeralStorageExceeded"

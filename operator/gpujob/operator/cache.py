@@ -59,7 +59,10 @@ def owner_uid(pod: dict[str, Any]) -> str | None:
 class Store:
     jobs: dict[JobKey, dict[str, Any]] = field(default_factory=dict)
     pods: dict[str, dict[str, PodView]] = field(default_factory=dict)  # owner uid -> pod name -> view
-    by_job_id: dict[str, JobKey] = field(default_factory=dict)
+    # jobId -> the GpuJobs holding it -> their creationTimestamp. A jobId names one job in the whole cluster (its
+    # progress channel, events, state and artifacts are per jobId): the oldest holder is the job; a later one is a
+    # duplicate that the operator fails (DuplicateJobId). Kept for every holder, so a drop needs no scan.
+    by_job_id: dict[str, dict[JobKey, str]] = field(default_factory=dict)
     by_uid: dict[str, JobKey] = field(default_factory=dict)
 
     # --- jobs
@@ -73,8 +76,10 @@ class Store:
             or held["metadata"].get("uid") != meta.get("uid")
             or _newer(meta.get("resourceVersion"), held["metadata"].get("resourceVersion"))
         ):
+            if held is not None and job_id_of(held) != job_id_of(job):
+                self._unindex(job_id_of(held), key)
             self.jobs[key] = job
-            self.by_job_id[job_id_of(job)] = key
+            self.by_job_id.setdefault(job_id_of(job), {})[key] = str(meta.get("creationTimestamp") or "")
             self.by_uid[meta.get("uid", "")] = key
         return key
 
@@ -95,15 +100,25 @@ class Store:
             uid = job["metadata"].get("uid", "")
             self.pods.pop(uid, None)
             self.by_uid.pop(uid, None)
-            job_id = job_id_of(job)
-            if self.by_job_id.get(job_id) == key:
+            self._unindex(job_id_of(job), key)
+
+    def _unindex(self, job_id: str, key: JobKey) -> None:
+        holders = self.by_job_id.get(job_id)
+        if holders is not None:
+            holders.pop(key, None)
+            if not holders:
                 del self.by_job_id[job_id]
 
     def job(self, key: JobKey) -> dict[str, Any] | None:
         return self.jobs.get(key)
 
     def key_of_job_id(self, job_id: str) -> JobKey | None:
-        return self.by_job_id.get(job_id)
+        """The job a jobId names: its oldest GpuJob (creationTimestamp, then namespace and name), whichever
+        namespace; None when no GpuJob holds it."""
+        holders = self.by_job_id.get(job_id)
+        if not holders:
+            return None
+        return min(holders, key=lambda k: (holders[k], k))
 
     # --- pods
     def put_pod(self, pod: dict[str, Any]) -> str | None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import redis.asyncio
 
-from gpujob.api.constants import Phase
+from gpujob.api.constants import Phase, Reason
 from gpujob.api.events import ProgressEvent
 from gpujob.api.models import GpuJobStatus, Progress
 from gpujob.api.naming import job_id_of
@@ -34,7 +34,10 @@ EVENT_SOURCE = "operator"  # marks our own events, so the mirror never echoes th
 
 
 def transition_events(job: dict[str, Any], transitions: list[Transition], status: GpuJobStatus) -> list[ProgressEvent]:
-    """The events of one status write: one per phase transition, in order (pure)."""
+    """The events of one status write: one per phase transition, in order (pure). None for a duplicate of
+    another GpuJob's jobId (DuplicateJobId): the channel, state and stream of that jobId are the other job's."""
+    if status.reason == Reason.DUPLICATE_JOB_ID:
+        return []
     job_id = job_id_of(job)
     percent = status.progress.percent if status.progress else 0.0
     events = []

@@ -24,6 +24,7 @@ from gpujob.kube import ApiException
 from gpujob.logging import bind_job, get_logger
 from gpujob.operator.builders import JobRef, PodDefaults, build_pod
 from gpujob.operator.cache import JobKey, Store
+from gpujob.operator.credentials import CredentialsRefused
 from gpujob.operator.status import (
     Decision,
     QueueGate,
@@ -43,6 +44,8 @@ WriteObserver = Callable[[dict[str, Any], Decision], None]
 ErrorSink = Callable[[str], None]
 # The queue manager's word on a job (None: admitted at once); see gpujob.operator.queues.
 GateSource = Callable[[JobKey, GpuJobSpec], QueueGate | None]
+# Makes an attempt's per-job credentials and returns their Secret's name (None: none); see gpujob.operator.credentials.
+CredentialIssuer = Callable[[dict[str, Any], GpuJobSpec, datetime], Awaitable[str | None]]
 
 # A job is never abandoned: a failing reconcile is retried for as long as it fails, backing off exponentially up
 # to this cap (the Job controller's rate-limited queue does the same, capped at 1000 s); each failure counts in
@@ -66,6 +69,9 @@ class Reconciler:
     observers: list[WriteObserver] = field(default_factory=list)
     clock: Callable[[], datetime] = utcnow
     gate_of: GateSource | None = None
+    issue_credentials: CredentialIssuer | None = None
+    # Told of a GpuJob found gone (a 404 on its status write or re-read): the cache may hold it after a watch gap.
+    on_gone: Callable[[dict[str, Any]], None] | None = None
     _locks: dict[JobKey, asyncio.Lock] = field(default_factory=dict)
     _timers: dict[JobKey, asyncio.TimerHandle] = field(default_factory=dict)
     _errors: dict[JobKey, int] = field(default_factory=dict)
@@ -159,18 +165,35 @@ class Reconciler:
         now = self.clock()
         spec = _parse_spec(job)
         gate = self.gate_of(key, spec) if self.gate_of is not None and spec is not None else None
-        decision = decide(job, self.store.pods_of(ref.uid), now, spec=spec, gate=gate)
+        owner = self.store.key_of_job_id(job_id_of(job))  # the oldest GpuJob with this jobId, any namespace
+        duplicate_of = f"{owner[0]}/{owner[1]}" if owner is not None and owner != key else None
+        decision = decide(job, self.store.pods_of(ref.uid), now, spec=spec, gate=gate, duplicate_of=duplicate_of)
         vanished = (job.get("status") or {}).get("podName")
         if vanished and any(t.reason == Reason.POD_DELETED for t in decision.transitions):
             # The cache says the current attempt's Pod is gone; ask the API before starting over.
             pod = await kube.get_pod(key[0], vanished)
             if pod is not None:
                 self.store.put_pod(pod)
-                decision = decide(job, self.store.pods_of(ref.uid), now, spec=spec, gate=gate)
+                decision = decide(
+                    job, self.store.pods_of(ref.uid), now, spec=spec, gate=gate, duplicate_of=duplicate_of
+                )
         for name in decision.delete_pods:
             await kube.delete_pod(key[0], name)
+        if decision.create_attempt is not None and decision.create_attempt > 1:
+            # A next attempt is made when a Pod went, and the cache may hold a job deleted while unwatched (GC
+            # then deletes its Pods): make sure the owner exists before giving it a Pod GC would only delete.
+            fresh = await kube.get_gpujob(*key)
+            if fresh is None or fresh["metadata"].get("uid") != ref.uid:
+                self._gone(key)
+                return
+        secret: str | None = None  # the attempt's own credentials (issue 15), made before its Pod
+        if decision.create_attempt is not None and spec is not None and self.issue_credentials is not None:
+            try:
+                secret = await self.issue_credentials(job, spec, now)
+            except CredentialsRefused as exc:
+                decision = fail_now(job, Reason.INVALID_PARAMS, f"no credentials can be made: {exc}", now)
         if decision.create_attempt is not None and spec is not None:
-            pod_body = build_pod(ref, spec, decision.create_attempt, self.defaults)
+            pod_body = build_pod(ref, spec, decision.create_attempt, self.defaults, secret)
             try:
                 _, created = await kube.create_pod(key[0], pod_body)
             except ApiException as exc:

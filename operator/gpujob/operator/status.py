@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from gpujob.api.constants import ConditionType, Phase, PodPhase, Reason
 from gpujob.api.models import GpuJobSpec, GpuJobStatus, Progress, QueuePosition
+from gpujob.api.naming import job_id_of
 from gpujob.api.params import params_error
 from gpujob.operator import policy
 from gpujob.operator.conventions import iso, parse_time, set_condition, truncate
@@ -216,9 +217,12 @@ def decide(
     *,
     spec: GpuJobSpec | None = None,
     gate: QueueGate | None = None,
+    duplicate_of: str | None = None,
 ) -> Decision:
     """The next status of a GpuJob and what to do to get there. `pods` are this job's Pods (any attempt).
-    `gate`: the queue's word while queues are in use (None: admitted at once, as a job without spec.queue)."""
+    `gate`: the queue's word while queues are in use (None: admitted at once, as a job without spec.queue).
+    `duplicate_of`: "namespace/name" of an older GpuJob with the same jobId (a jobId names one job cluster-wide:
+    this one fails, DuplicateJobId, and its Pods go)."""
     meta = body.get("metadata") or {}
     generation = meta.get("generation")
     current = GpuJobStatus.model_validate(body.get("status") or {})
@@ -252,6 +256,16 @@ def decide(
 
     if phase.terminal:
         d.delete_pods = [p.name for p in pods if p.active]
+        _ttl(spec, b.status, now, d)
+    elif duplicate_of is not None:
+        d.delete_pods = [p.name for p in pods if p.active]
+        _finish(
+            b,
+            Phase.FAILED,
+            Reason.DUPLICATE_JOB_ID,
+            f"jobId {job_id_of(body)!r} is already GpuJob {duplicate_of}'s: a jobId names one job in the cluster "
+            "(its progress channel, events and artifacts are per jobId); use another jobId",
+        )
         _ttl(spec, b.status, now, d)
     elif spec.cancel:
         d.delete_pods = [p.name for p in pods if p.active]
