@@ -291,7 +291,9 @@ def test_no_wildcards_and_no_secrets_in_rbac(variant: Path | None) -> None:
             for field in ("apiGroups", "resources", "verbs", "resourceNames"):
                 assert "*" not in rule.get(field, []), f"{role['kind']} {field} wildcard: {rule}"
             assert "nonResourceURLs" not in rule
-            assert not {"secrets", "configmaps", "serviceaccounts", "nodes"} & set(rule["resources"]), rule
+            if "secrets" in rule["resources"]:  # each job's own credentials: made and deleted, never read (issue 15)
+                assert rule["resources"] == ["secrets"] and set(rule["verbs"]) <= {"create", "delete"}, rule
+            assert not {"configmaps", "serviceaccounts", "nodes"} & set(rule["resources"]), rule
             assert not {"escalate", "bind", "impersonate", "deletecollection"} & set(rule["verbs"]), rule
 
 
@@ -307,6 +309,8 @@ def test_rbac_allows_what_the_operator_calls(variant: Path | None) -> None:
             assert allowed(granted, "gpujob.dev", "gpujobs", verb, ns), (verb, ns)
         assert allowed(granted, "gpujob.dev", "gpujobs/status", "patch", ns)
         assert allowed(granted, "gpujob.dev", "gpujobs/finalizers", "update", ns)
+        for verb in ("create", "delete"):
+            assert allowed(granted, "", "secrets", verb, ns), (verb, ns)
         for verb in ("list", "watch", "create", "delete"):
             assert allowed(granted, "", "pods", verb, ns), (verb, ns)
         assert allowed(granted, "", "events", "create", ns)

@@ -126,6 +126,18 @@ def nesting_depth(value: Any) -> int:
     return deepest
 
 
+class CredentialsRequest(WireModel):
+    """Which per-job credentials the job's Pod gets (issue 15): unset = the type's default, true for the built-in
+    types and false for `custom`, whose image is the user's own."""
+
+    redis: bool | None = Field(
+        None, description="A Redis user that may publish only this job's progress events (GPUJOB_REDIS_URL)."
+    )
+    s3: bool | None = Field(
+        None, description="S3 keys that may write only under this job's artifact prefix and read its inputs."
+    )
+
+
 class GpuJobSpec(WireModel):
     type: JobType
     job_id: str | None = Field(None, pattern=JOB_ID_PATTERN, description="Defaults to metadata.name.")
@@ -158,6 +170,7 @@ class GpuJobSpec(WireModel):
     suspend: bool = False
     cancel: bool = Field(False, description="Stop the job for good: Pod deleted, phase Cancelled.")
     models: ModelsVolume = Field(default_factory=ModelsVolume)
+    credentials: CredentialsRequest = Field(default_factory=CredentialsRequest)
 
     @field_validator("params")
     @classmethod
@@ -173,6 +186,12 @@ class GpuJobSpec(WireModel):
             if re.fullmatch(r"nvidia\.com/.*|amd\.com/gpu", key):
                 raise ValueError(f"set GPUs with spec.gpus/spec.gpuResource, not resources ({key})")
         return value
+
+    def wants_credentials(self) -> tuple[bool, bool]:
+        """(redis, s3): does the job's Pod get these per-job credentials; `custom` only when it asks."""
+        builtin = self.type is not JobType.CUSTOM
+        redis, s3 = self.credentials.redis, self.credentials.s3
+        return (builtin if redis is None else redis, builtin if s3 is None else s3)
 
     def params_json(self) -> str:
         """spec.params as the worker receives it (GPUJOB_JOB_PARAMS): compact JSON, keys sorted."""

@@ -40,6 +40,12 @@ def pod_name(job_name: str, uid: str, attempt: int) -> str:
     return f"{job_name[: MAX_NAME - len(suffix)].rstrip('-.')}{suffix}"
 
 
+def credentials_secret_name(job_name: str, uid: str) -> str:
+    """The Secret of a GpuJob's per-job credentials (one per GpuJob object: the uid is in the name, as in Pods)."""
+    suffix = f"-{uid.replace('-', '')[:5]}-credentials"
+    return f"{job_name[: MAX_NAME - len(suffix)].rstrip('-.')}{suffix}"
+
+
 def label_value(text: str) -> str:
     """A valid label value (≤63 chars of [A-Za-z0-9._-], alphanumeric at both ends) for any jobId:
     the jobId itself when it fits, else a readable prefix plus a hash of it."""

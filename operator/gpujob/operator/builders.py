@@ -20,6 +20,12 @@ from gpujob.api.constants import (
 from gpujob.api.models import GpuJobSpec
 from gpujob.api.naming import label_value, pod_name
 
+# The job's per-job credentials Secret (issue 15), mounted read-only as files: one file per GPUJOB_* setting.
+CREDENTIALS_VOLUME_NAME = "credentials"
+CREDENTIALS_MOUNT_PATH = "/var/run/gpujob/credentials"
+# 0400: with the Pod's fsGroup the kubelet makes them 0440, group = the Pod's group; no other user reads them.
+CREDENTIALS_FILE_MODE = 0o400
+
 
 @dataclass(frozen=True)
 class PodDefaults:
@@ -128,8 +134,11 @@ def _tolerations(spec: GpuJobSpec, defaults: PodDefaults) -> list[dict[str, Any]
     return tolerations
 
 
-def build_pod(ref: JobRef, spec: GpuJobSpec, attempt: int, defaults: PodDefaults) -> dict[str, Any]:
-    """The Pod of `attempt` (1-based): deterministic name, owned by the GpuJob, restricted security context."""
+def build_pod(
+    ref: JobRef, spec: GpuJobSpec, attempt: int, defaults: PodDefaults, credentials_secret: str | None = None
+) -> dict[str, Any]:
+    """The Pod of `attempt` (1-based): deterministic name, owned by the GpuJob, restricted security context.
+    `credentials_secret`: the job's own credentials Secret, mounted as files (GPUJOB_CREDENTIALS_DIR)."""
     node_selector = defaults.node_selector | spec.node_selector
     if spec.gpu_product:
         node_selector[GPU_PRODUCT_LABEL] = spec.gpu_product
@@ -160,6 +169,14 @@ def build_pod(ref: JobRef, spec: GpuJobSpec, attempt: int, defaults: PodDefaults
     }
     if defaults.worker_secret:
         container["envFrom"] = [{"secretRef": {"name": defaults.worker_secret, "optional": True}}]
+    volumes: list[dict[str, Any]] = []
+    if credentials_secret:
+        container["env"].append({"name": "GPUJOB_CREDENTIALS_DIR", "value": CREDENTIALS_MOUNT_PATH})
+        container["volumeMounts"].append(
+            {"name": CREDENTIALS_VOLUME_NAME, "mountPath": CREDENTIALS_MOUNT_PATH, "readOnly": True}
+        )
+        secret = {"secretName": credentials_secret, "defaultMode": CREDENTIALS_FILE_MODE}
+        volumes.append({"name": CREDENTIALS_VOLUME_NAME, "secret": secret})
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
@@ -174,6 +191,7 @@ def build_pod(ref: JobRef, spec: GpuJobSpec, attempt: int, defaults: PodDefaults
                 },
             },
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": defaults.shm_size}},
+            *volumes,
         ],
         "securityContext": {
             "runAsNonRoot": True,

@@ -10,7 +10,7 @@ import contextlib
 import os
 import socket
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 import redis.asyncio
@@ -27,6 +27,7 @@ from gpujob.metrics import Metrics
 from gpujob.operator.builders import PodDefaults
 from gpujob.operator.cache import JobKey, Store
 from gpujob.operator.conventions import parse_time
+from gpujob.operator.credentials import JobCredentials
 from gpujob.operator.kevents import EventRecorder
 from gpujob.operator.progress import EventForwarder, ProgressMirror
 from gpujob.operator.queues import QueueManager
@@ -83,6 +84,7 @@ class Runtime:
     redis: redis.asyncio.Redis | None = None
     forwarder: EventForwarder | None = None
     mirror: ProgressMirror | None = None
+    credentials: JobCredentials | None = None  # per-job credentials, when on (gpujob.operator.credentials)
     services: dict[str, RedisService] = field(default_factory=dict)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     # Raised by kopf (its `ready_flag`) once the start-up handler has succeeded and its watchers may start.
@@ -147,16 +149,37 @@ class Runtime:
                 self.store,
                 write_progress,
                 interval=self.settings.status_progress_interval,
-                on_progress=lambda job_id, job_type, percent: self.metrics.record_progress(
-                    job_id=job_id, job_type=job_type, percent=percent
-                ),
+                on_progress=self._on_progress,
             )
             self.spawn("progress-mirror", self.mirror.run())
             for name, service in self.services.items():
                 self.spawn(name, service(self.redis, self.stopping))
+        await self._setup_credentials()
         if not self._announced:
             self._announced = True
             self.spawn("announce", self.announce())
+
+    async def _setup_credentials(self) -> None:
+        """Per-job credentials (GPUJOB_CREDENTIALS_MODE): before the first reconcile, so no Pod is made without
+        them; with them, job Pods get their own Secret and never GPUJOB_WORKER_SECRET."""
+        if self.credentials is not None or self.settings.credentials_mode == "off":
+            return
+        self.credentials = await JobCredentials.setup(self.settings, self.redis, self.namespaces)
+        if self.credentials is None:
+            return
+        self.reconciler.defaults = replace(self.reconciler.defaults, worker_secret=None)
+        self.reconciler.issue_credentials = self.credentials.issue
+        self.reconciler.sinks.append(self.credentials.sink)
+        self.spawn("credentials", self.credentials.run(self._job_by_uid, self.stopping))
+
+    def _job_by_uid(self, uid: str) -> dict[str, Any] | None:
+        key = self.store.key_of_uid(uid)
+        return self.store.job(key) if key is not None else None
+
+    def _on_progress(self, job_id: str, job_type: str, percent: float) -> None:
+        self.metrics.record_progress(job_id=job_id, job_type=job_type, percent=percent)
+        if self.credentials is not None:  # the worker's events are in its own stream: relay them
+            self.credentials.relay_soon(job_id)
 
     async def _list_pods(self) -> None:
         """Know every Pod before the first reconcile, so a Pod not yet seen is never taken for a deleted one.
@@ -263,6 +286,8 @@ class Runtime:
             self.queues.job_changed(body)
             if self.mirror is not None:
                 self.mirror.forget(key)
+            if self.credentials is not None:  # its Secret goes with it (owner reference); its users here
+                self.spawn(f"revoke-credentials-{key[1]}", self.credentials.revoke(body))
             return
         if self.store.holds_job(body):
             # The echo of our own status write: that state has been decided on already (decide() is a fixed

@@ -77,7 +77,9 @@ def operator_env(services: SandboxServices) -> dict[str, str]:
     """The operator's env: this sandbox's API, redis and S3, job Pods running this venv's `gpujob worker`
     (the local kubelet never pulls images)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUJOB_") and k != "KUBECONFIG"}
-    passed = ("KUBECONFIG", "GPUJOB_REDIS_URL", "GPUJOB_S3_ENDPOINT", "GPUJOB_S3_BUCKET", "GPUJOB_S3_SECURE")
+    # With the S3 keys (and Redis's default user) the operator makes each job's own credentials (issue 15).
+    s3 = ("ENDPOINT", "BUCKET", "SECURE", "REGION", "ACCESS_KEY", "SECRET_KEY")
+    passed = ("KUBECONFIG", "GPUJOB_REDIS_URL", *(f"GPUJOB_S3_{name}" for name in s3))
     env.update({k: services.env[k] for k in passed if k in services.env})
     env.update(
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",

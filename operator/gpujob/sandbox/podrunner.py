@@ -185,6 +185,7 @@ class PodRunner:
         while True:
             try:
                 env = await container_env(self.pod, self.container, self.client.get_data)
+                await self._write_secret_volumes()
                 return self._process_env(env)
             except ConfigError as exc:
                 status = self._pending_status("CreateContainerConfigError", str(exc))
@@ -199,6 +200,28 @@ class PodRunner:
             if deadline is not None and time.monotonic() >= deadline:
                 await self._finish_unstarted("DeadlineExceeded", DEADLINE_MESSAGE, pod_reason="DeadlineExceeded")
                 return None
+
+    async def _write_secret_volumes(self) -> None:
+        """The container's Secret volumes as files (one per key, `defaultMode`, as a kubelet projects them) under
+        the Pod's dir; a missing Secret that is not optional keeps the container from starting (a kubelet reports
+        FailedMount and ContainerCreating; here CreateContainerConfigError, retried the same way)."""
+        namespace = (self.pod.get("metadata") or {}).get("namespace", "default")
+        volumes = {v.get("name"): v for v in self.spec.get("volumes") or []}
+        for mount in self.container.get("volumeMounts") or []:
+            source = (volumes.get(mount.get("name")) or {}).get("secret")
+            if source is None:
+                continue
+            data = await self.client.get_data("secrets", namespace, source.get("secretName", ""))
+            if data is None and not source.get("optional"):
+                raise ConfigError(f'secret "{source.get("secretName", "")}" not found')
+            local = self.dir / "volumes" / mount["name"]
+            if local.exists():
+                shutil.rmtree(local)
+            local.mkdir(parents=True)
+            for key, value in (data or {}).items():
+                path = local / key
+                path.write_text(value, encoding="utf-8")
+                path.chmod(int(source.get("defaultMode", 0o644)))
 
     def _process_env(self, pod_env: dict[str, str]) -> dict[str, str]:
         """What the process sees: a minimal base, the Pod's env, its mounts mapped to local directories."""
@@ -216,7 +239,7 @@ class PodRunner:
             volume = volumes.get(mount.get("name")) or {}
             if "persistentVolumeClaim" in volume:
                 local = self.node.models_dir / (mount.get("subPath") or "")
-            elif "emptyDir" in volume:
+            elif "emptyDir" in volume or "secret" in volume:
                 local = self.dir / "volumes" / mount["name"]
             else:
                 continue

@@ -167,7 +167,9 @@ class LocalStack:
 
     def operator_env(self) -> dict[str, str]:
         env = self.base_env()
-        passed = ("KUBECONFIG", "GPUJOB_REDIS_URL", "GPUJOB_S3_ENDPOINT", "GPUJOB_S3_BUCKET", "GPUJOB_S3_SECURE")
+        # With the S3 keys (and Redis's default user) the operator makes each job's own credentials (issue 15).
+        s3 = ("ENDPOINT", "BUCKET", "SECURE", "REGION", "ACCESS_KEY", "SECRET_KEY")
+        passed = ("KUBECONFIG", "GPUJOB_REDIS_URL", *(f"GPUJOB_S3_{name}" for name in s3))
         env.update({k: self.env[k] for k in passed if k in self.env})
         env.update(
             GPUJOB_WORKER_COMMAND=json.dumps([str(VENV_BIN / "gpujob"), "worker"]),

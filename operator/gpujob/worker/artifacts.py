@@ -1,6 +1,7 @@
 """Artifacts and checkpoints in S3/MinIO through the `minio` SDK.
 
-Credentials come only from the environment (GPUJOB_S3_*, put in the Pod from a Secret by the operator).
+Credentials come from the settings: the job's own keys from the files of its Secret (GPUJOB_CREDENTIALS_DIR, see
+`credential_files`), or GPUJOB_S3_* in the environment for a worker run outside the operator.
 Every call is retried with a capped back-off on transient failures; when S3 stays unreachable the worker
 exits with the transient code (75) so the operator retries the attempt.
 
@@ -122,8 +123,13 @@ class ArtifactStore:
 
     def ensure_bucket(self) -> None:
         def ensure() -> None:
-            if self.client.bucket_exists(self.bucket):
-                return
+            try:
+                if self.client.bucket_exists(self.bucket):
+                    return
+            except S3Error as exc:
+                if exc.code == "AccessDenied":
+                    return  # a job's own keys may not look at the bucket itself: the operator's side made it
+                raise
             try:
                 self.client.make_bucket(self.bucket)
             except S3Error as exc:  # another worker made it first

@@ -14,6 +14,7 @@ from gpujob.api.constants import TERMINATION_MESSAGE_PATH
 from gpujob.logging import configure, get_logger
 from gpujob.settings import Settings
 from gpujob.worker import result
+from gpujob.worker.credential_files import with_credential_files
 from gpujob.worker.env import WorkerEnv
 from gpujob.worker.task import available, describe
 
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.OK
     _offline()
     try:
-        settings = Settings()
+        settings = with_credential_files(Settings())  # the job's own, from its Secret
     except ValidationError as exc:
         configure()
         message = f"invalid GPUJOB_* settings: {describe(exc)}"

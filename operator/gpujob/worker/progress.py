@@ -17,6 +17,7 @@ from gpujob.api import Phase
 from gpujob.events import SyncEventPublisher, make_event, sync_client
 from gpujob.logging import get_logger
 from gpujob.settings import Settings, get_settings
+from gpujob.worker.credential_files import with_credential_files
 
 # In-attempt updates carry the phase the attempt is in; the operator owns the other phases.
 EVENT_STATUS = Phase.RUNNING.event_status
@@ -117,7 +118,7 @@ def report_progress(percent: float, message: str = "") -> None:
     global _current
     with _current_lock:
         if _current is None:
-            settings = get_settings()
+            settings = with_credential_files(get_settings())
             _current = ProgressReporter.from_settings(settings, settings.job_id or "unknown")
         reporter = _current
     reporter.report(percent, message)
