@@ -2,7 +2,9 @@
 
 Kept small on purpose (10,000 jobs must fit in well under 250 MB): jobs keep metadata essentials, spec and
 status; Pods are reduced to a PodView. Pods are filed under their owner's uid, so a GpuJob deleted and
-re-created under the same name never sees the Pods of its previous life.
+re-created under the same name never sees the Pods of its previous life; and since kopf orders watch events per
+uid only, the two lives' events may interleave: the newer object (resourceVersion) holds the name, and a DELETED
+drops only its own uid.
 """
 
 from __future__ import annotations
@@ -71,13 +73,15 @@ class Store:
         meta = job["metadata"]
         key: JobKey = (meta.get("namespace", ""), meta.get("name", ""))
         held = self.jobs.get(key)
-        if (
-            held is None
-            or held["metadata"].get("uid") != meta.get("uid")
-            or _newer(meta.get("resourceVersion"), held["metadata"].get("resourceVersion"))
-        ):
+        # Another GpuJob of the same name (deleted and re-created): kopf orders events per uid only, so the old
+        # one's last events may come after the new one's ADDED. The newer object wins, by resourceVersion (the
+        # new one was created after the old one's last write), never the later event.
+        if held is None or _newer(meta.get("resourceVersion"), held["metadata"].get("resourceVersion")):
             if held is not None and job_id_of(held) != job_id_of(job):
                 self._unindex(job_id_of(held), key)
+            if held is not None and (old_uid := held["metadata"].get("uid", "")) != meta.get("uid"):
+                self.pods.pop(old_uid, None)  # its Pods are GC's; their events find no job
+                self.by_uid.pop(old_uid, None)
             self.jobs[key] = job
             self.by_job_id.setdefault(job_id_of(job), {})[key] = str(meta.get("creationTimestamp") or "")
             self.by_uid[meta.get("uid", "")] = key
@@ -94,13 +98,23 @@ class Store:
             and held["metadata"].get("resourceVersion") == meta.get("resourceVersion")
         )
 
-    def drop_job(self, key: JobKey) -> None:
+    def drop_job(self, key: JobKey, uid: str | None = None) -> bool:
+        """Forget the job at `key`; with `uid`, only if it is that GpuJob (a DELETED of an earlier GpuJob of the
+        same name, come after its successor's ADDED, must not drop the successor). Whether it was dropped."""
+        held = self.jobs.get(key)
+        if held is None or (uid and held["metadata"].get("uid") != uid):
+            if uid:
+                self.pods.pop(uid, None)
+                if self.by_uid.get(uid) == key:
+                    del self.by_uid[uid]
+            return False
         job = self.jobs.pop(key, None)
         if job is not None:
             uid = job["metadata"].get("uid", "")
             self.pods.pop(uid, None)
             self.by_uid.pop(uid, None)
             self._unindex(job_id_of(job), key)
+        return True
 
     def _unindex(self, job_id: str, key: JobKey) -> None:
         holders = self.by_job_id.get(job_id)

@@ -279,13 +279,15 @@ class Runtime:
         key: JobKey = (meta.get("namespace", ""), meta.get("name", ""))
         if event_type == "DELETED":
             held = self.store.job(key)
-            if held is not None:
-                self.metrics.forget(job_id_of(held))
-            self.store.drop_job(key)
-            self.reconciler.forget(key)
+            # Only that GpuJob: kopf orders events per uid, so an earlier GpuJob's DELETED may come after the
+            # ADDED of its successor under the same name, which keeps its cache entry, timers and mirror.
+            if self.store.drop_job(key, meta.get("uid")):
+                if held is not None:
+                    self.metrics.forget(job_id_of(held))
+                self.reconciler.forget(key)
+                if self.mirror is not None:
+                    self.mirror.forget(key)
             self.queues.job_changed(body)
-            if self.mirror is not None:
-                self.mirror.forget(key)
             if self.credentials is not None:  # its Secret goes with it (owner reference); its users here
                 self.spawn(f"revoke-credentials-{key[1]}", self.credentials.revoke(body))
             return
