@@ -18,7 +18,9 @@ from gpujob.events import SyncEventPublisher, make_event
 from gpujob.settings import Settings
 
 # The operator's own user, as the README documents it: its usual rights plus the three ACL subcommands.
-OPERATOR_ACL = "on >operator-pw ~gpujobs:* &gpujobs:* +@all -@dangerous +acl|setuser +acl|deluser +acl|users"
+OPERATOR_ACL = (
+    "on >operator-pw ~gpujobs:* &gpujobs:* &gpujobs:progress:* +@all -@dangerous +acl|setuser +acl|deluser +acl|users"
+)
 
 JOB_A = JobRef("team-a", "job-a", "11111111-aaaa-4000-8000-000000000001", "job-a", "train_lora")
 JOB_B = JobRef("team-b", "job-b", "22222222-bbbb-4000-8000-000000000002", "job-b", "train_lora")
