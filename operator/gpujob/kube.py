@@ -387,6 +387,47 @@ async def list_gpujobs(namespaces: list[str] | None, limit: int = 500) -> AsyncI
                 break
 
 
+async def list_names(
+    plural: str, namespaces: list[str] | None, label_selector: str = "", limit: int = 500
+) -> list[tuple[str | None, str, set[tuple[str, str]]]]:
+    """What exists now, for checking a cache against it: per listed scope (a namespace, or None for all), the
+    list's resourceVersion and the (namespace, name) of each Pod (`plural` "pods") or GpuJob ("gpujobs").
+    Paged; the pages of one list are one consistent snapshot, at the first page's resourceVersion."""
+    api: Any = client.CoreV1Api(await api_client()) if plural == "pods" else client.CustomObjectsApi(await api_client())
+    found: list[tuple[str | None, str, set[tuple[str, str]]]] = []
+    for namespace in list(namespaces) if namespaces else [None]:
+        token: str | None = None
+        version, names = "", set()
+        while True:
+            kwargs: dict[str, Any] = {"limit": limit, "_preload_content": False}
+            if label_selector:
+                kwargs["label_selector"] = label_selector
+            if token:
+                kwargs["_continue"] = token
+            if plural == "pods":
+                call = (
+                    partial(api.list_pod_for_all_namespaces, **kwargs)
+                    if namespace is None
+                    else partial(api.list_namespaced_pod, namespace, **kwargs)
+                )
+            elif namespace is None:
+                call = partial(api.list_cluster_custom_object, GROUP, VERSION, plural, **kwargs)
+            else:
+                call = partial(api.list_namespaced_custom_object, GROUP, VERSION, namespace, plural, **kwargs)
+            page = await with_retries(partial(_read_call, call))
+            meta = page.get("metadata") or {}
+            version = version or str(meta.get("resourceVersion") or "")
+            for item in page.get("items") or []:
+                item_meta = item.get("metadata") or {}
+                names.add((item_meta.get("namespace", ""), item_meta.get("name", "")))
+            del page
+            token = meta.get("continue")
+            if not token:
+                break
+        found.append((namespace, version, names))
+    return found
+
+
 async def list_gpuqueues() -> list[dict[str, Any]] | None:
     """Every GpuQueue (cluster-scoped), or None when the GpuQueue CRD is not installed or may not be read (an
     install whose RBAC predates queues): then there are no queues, as before them."""

@@ -92,6 +92,11 @@ class OperatorSettings(BaseSettings):
     queue_event_interval: float = Field(
         2.0, ge=0, description="Min seconds between two queue-position events of one job (the latest sent last)."
     )
+    cache_audit_seconds: float = Field(
+        300.0,
+        description="Seconds between checks of the operator's cache against a list of its GpuJobs and Pods (what a "
+        "watch resumed after a gap missed is dropped); 0 = never.",
+    )
     peering: str | None = Field(None, description="kopf peering object name (HA); unset = standalone.")
 
 

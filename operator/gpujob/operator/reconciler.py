@@ -222,6 +222,12 @@ class Reconciler:
         elif decision.requeue_after is not None:
             self.trigger_soon(key, decision.requeue_after)
 
+    def _gone(self, key: JobKey) -> None:
+        held = self.store.job(key)
+        if held is not None and self.on_gone is not None:
+            log.info("job gone, dropped from the cache")
+            self.on_gone(held)
+
     async def _write_status(self, key: JobKey, job: dict[str, Any], decision: Decision) -> None:
         patch = status_patch(job.get("status") or {}, decision.status)
         if not patch:
@@ -244,6 +250,7 @@ class Reconciler:
             patch = status_patch(job.get("status") or {}, decision.status)
             stored = await kube.patch_gpujob_status(*key, patch, resource_version)
         if stored is None:
+            self._gone(key)
             return
         self.store.put_job(stored)
         for observer in self.observers:

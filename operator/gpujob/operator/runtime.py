@@ -24,6 +24,7 @@ from gpujob.gpu_efficiency import gpu_efficiency
 from gpujob.health import Health
 from gpujob.logging import bind_job, get_logger
 from gpujob.metrics import Metrics
+from gpujob.operator.audit import CacheAudit
 from gpujob.operator.builders import PodDefaults
 from gpujob.operator.cache import JobKey, Store
 from gpujob.operator.conventions import parse_time
@@ -107,6 +108,7 @@ class Runtime:
         )
         self.metrics.register_queue_stats(self.queues.queue_stats)
         self.reconciler.gate_of = self.queues.gate
+        self.reconciler.on_gone = self.job_gone
         self.reconciler.observers.append(lambda stored, _: self.queues.job_changed(stored))
         self.reconciler.observers.append(self.recorder.observe)
         self.reconciler.sinks.append(self.record_metrics)
@@ -136,6 +138,9 @@ class Runtime:
             self.spawn("kubernetes-events", self.recorder.run())
         if not any(task.get_name() == "queues" for task in self._tasks):
             self.spawn("queues", self.queues.run())
+        if self.settings.cache_audit_seconds > 0 and not any(t.get_name() == "cache-audit" for t in self._tasks):
+            audit = CacheAudit(self.store, self.namespaces, POD_SELECTOR, self.job_gone, self.pod_gone)
+            self.spawn("cache-audit", audit.run(self.settings.cache_audit_seconds, self.stopping))
         if self.settings.redis_url is not None and self.redis is None:
             self.redis = async_client(self.settings)
             self.health.add_readiness_check("redis", self._redis_ping)
@@ -300,6 +305,13 @@ class Runtime:
         self.store.put_job(body)
         self.queues.job_changed(body)
         self.spawn_reconcile(key)
+
+    def job_gone(self, body: dict[str, Any]) -> None:
+        """A GpuJob the API no longer has (a 404 on its status write, or the cache audit): as if DELETED came."""
+        self.job_event("DELETED", body)
+
+    def pod_gone(self, body: dict[str, Any]) -> None:
+        self.pod_event("DELETED", body)
 
     def queue_event(self, event_type: str | None, body: dict[str, Any]) -> None:
         self.queues.queue_event(event_type, body)
