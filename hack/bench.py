@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """All benchmarks in one command (`make bench`): operator (emulator), operator vs the Job controller on the real
-control plane, unrelated Pods (the server-side Pod selector), intake + events, worker. Each runs in its own
-process, repeats its own measurements and reports median/min/max; this prints every headline figure in one
+control plane, unrelated Pods (the server-side Pod selector), intake + events, GPU queues, worker. Each runs in its
+own process, repeats its own measurements and reports median/min/max; this prints every headline figure in one
 table at the end (the benchmarks' own detailed output streams above it).
 
-    .venv/bin/python hack/bench.py [--quick] [--only operator,kubernetes,intake,worker]
+    .venv/bin/python hack/bench.py [--quick] [--only operator,kubernetes,podwatch,intake,queues,worker]
 """
 
 from __future__ import annotations
@@ -29,6 +29,10 @@ BENCHES = {
     ),
     "podwatch": (["bench_pod_watch.py"], ["bench_pod_watch.py", "--pods", "500"]),
     "intake": (["bench_intake.py"], ["bench_intake.py", "--requests", "2000"]),
+    "queues": (
+        ["bench_queues.py"],
+        ["bench_queues.py", "--pending", "2000", "--sim-seconds", "5000", "--burst", "100", "--repeat", "1"],
+    ),
     "worker": (["bench_worker.py", "--repeat", "3"], ["bench_worker.py", "--repeat", "1", "--epochs", "40"]),
 }
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -94,7 +94,7 @@ def workload_of(key: JobKey, job: dict[str, Any]) -> Workload | None:
         spec = GpuJobSpec.model_validate(raw)
     except (ValidationError, ValueError):
         return None
-    if spec.suspend or spec.cancel or spec.queue is None:
+    if spec.suspend or spec.cancel or spec.queue is None or status.get("fallback"):  # on CPU: out of the queue
         return None
     admission = status.get("admission") or None
     evicting = bool(admission and status.get("preempting"))
@@ -155,6 +155,21 @@ def _amounts(resources: dict[str, Decimal]) -> dict[str, str]:
     return {r: f"{amount.normalize():f}" for r, amount in sorted(resources.items())}
 
 
+async def _bounded(writes: list[Coroutine[Any, Any, None]], limit: int) -> None:
+    """Run the writes, at most `limit` at a time; the first error is raised once all have ended (the next plan
+    redoes what did not happen)."""
+    gate = asyncio.Semaphore(max(1, limit))
+
+    async def one(write: Coroutine[Any, Any, None]) -> None:
+        async with gate:
+            await write
+
+    results = await asyncio.gather(*(one(w) for w in writes), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
 def _key(workload_key: str) -> JobKey:
     namespace, _, name = workload_key.partition("/")
     return (namespace, name)
@@ -166,6 +181,7 @@ class QueueManager:
     # Asks the reconciler to look at a job (admitted, or its wait changed).
     on_change: Callable[[JobKey], None]
     interval: float = 0.5  # at most one plan per interval
+    write_concurrency: int = 16  # admissions of one plan written at once
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     queues: dict[str, Queue] = field(default_factory=dict)
     _gates: dict[JobKey, QueueGate] = field(default_factory=dict)
@@ -187,6 +203,7 @@ class QueueManager:
     _running: dict[str, int] = field(default_factory=dict)  # admitted jobs per queue, at the last plan
     _counted: OrderedDict[str, None] = field(default_factory=OrderedDict)  # uids whose run time was counted
     _stats: dict[str, QueueStats] = field(default_factory=dict)
+    paused: Callable[[], bool] | None = None  # HA: a paused replica plans and writes nothing (operator.pause)
 
     def __post_init__(self) -> None:
         self._throttle.interval = self.event_interval
@@ -253,7 +270,8 @@ class QueueManager:
     # --- the loop
     async def run(self) -> None:
         while True:
-            due = self._throttle.next_due()
+            paused = self.paused is not None and self.paused()
+            due = None if paused else self._throttle.next_due()
             try:
                 async with asyncio.timeout(None if due is None else max(0.0, due - self.monotonic())):
                     await self._dirty.wait()
@@ -261,6 +279,8 @@ class QueueManager:
                 self._send_due()
                 continue
             self._dirty.clear()
+            if self.paused is not None and self.paused():
+                continue  # a paused replica writes nothing; its resume pokes the manager
             try:
                 await self.plan_once()
             except Exception as exc:  # the next change (or this retry) plans again
@@ -279,8 +299,9 @@ class QueueManager:
         workloads = self._workloads()
         result = plan(self.queues, workloads)
         by_key = {w.key: w for w in workloads}
-        for admitted in result.admit:
-            await self._admit(by_key[admitted])
+        # Admissions are written concurrently (each guarded by its job's resourceVersion, so their order does
+        # not matter): a burst of jobs into a queue with room waits one plan, not one write after another.
+        await _bounded([self._admit(by_key[admitted]) for admitted in result.admit], self.write_concurrency)
         for victim, head in sorted(result.preempt.items()):
             await self._preempt(by_key[victim], head)
         gates = {_key(k): self._gate(wait, by_key[k]) for k, wait in result.waiting.items()}

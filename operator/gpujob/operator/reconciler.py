@@ -165,11 +165,13 @@ class Reconciler:
         now = self.clock()
         spec = _parse_spec(job)
         gate = self.gate_of(key, spec) if self.gate_of is not None and spec is not None else None
+        if gate is not None and spec is not None and _first_plan_pending(job, spec, gate):
+            return  # the queue's first plan tells us (admitted: one write fewer per job; else the wait)
         owner = self.store.key_of_job_id(job_id_of(job))  # the oldest GpuJob with this jobId, any namespace
         duplicate_of = f"{owner[0]}/{owner[1]}" if owner is not None and owner != key else None
         decision = decide(job, self.store.pods_of(ref.uid), now, spec=spec, gate=gate, duplicate_of=duplicate_of)
         vanished = (job.get("status") or {}).get("podName")
-        if vanished and any(t.reason == Reason.POD_DELETED for t in decision.transitions):
+        if vanished and any(t.reason in (Reason.POD_DELETED, Reason.CPU_FALLBACK) for t in decision.transitions):
             # The cache says the current attempt's Pod is gone; ask the API before starting over.
             pod = await kube.get_pod(key[0], vanished)
             if pod is not None:
@@ -271,6 +273,18 @@ def _short(exc: Exception) -> str:
         message = kube.message_of(exc)
         return f"API {exc.status} {exc.reason}" + (f": {message}" if message != exc.reason else "")
     return repr(exc)
+
+
+def _first_plan_pending(job: dict[str, Any], spec: GpuJobSpec, gate: QueueGate) -> bool:
+    """A new job of a queue that the queue manager has not planned yet: nothing to write before its plan, which
+    reconciles it once admitted (then Queued and Scheduled come in one write) or told why it waits."""
+    status = job.get("status") or {}
+    return (
+        gate.reason is None
+        and not status.get("phase")
+        and not status.get("admission")
+        and not (spec.cancel or spec.suspend)
+    )
 
 
 def _parse_spec(job: dict[str, Any]) -> GpuJobSpec | None:
