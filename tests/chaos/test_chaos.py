@@ -556,6 +556,8 @@ def run_chaos(tmp_path: Path, size: dict[str, int], seed: int, sandbox: Emulator
     env.update(KUBECONFIG=str(sandbox.operator_kubeconfig), GPUJOB_REDIS_URL=redis_server.url,
                GPUJOB_NAMESPACE=namespace, GPUJOB_LOG_FORMAT="json", GPUJOB_METRICS_PORT="0",
                GPUJOB_CLAIM_IDLE_MS="2000", GPUJOB_READ_BLOCK_MS="200")  # fmt: skip
+    # Per-job credentials (issue 15): each job asks for a Redis user of its own; none may be left at the end.
+    env.update(GPUJOB_CREDENTIALS_MODE="on", GPUJOB_CREDENTIALS_SWEEP_INTERVAL="2")
     operator = Operator(env, tmp_path / "operator.log", sandbox.operator_args, sandbox.operator_serving)
     api = config.new_client_from_config(str(sandbox.kubeconfig))
     api.user_agent = "gpujob-chaos-monitor/1"
@@ -585,7 +587,7 @@ def run_chaos(tmp_path: Path, size: dict[str, int], seed: int, sandbox: Emulator
     def submit_job(job_id: str, fails: bool, sleep: str) -> None:
         command = ["sh", "-c", f"sleep {sleep}; exit {3 if fails else 0}"]
         spec = {"jobId": job_id, "type": "custom", "gpus": 0, "command": command,
-                "retries": {"limit": 1, "backoffSeconds": 0}}  # fmt: skip
+                "retries": {"limit": 1, "backoffSeconds": 0}, "credentials": {"redis": True}}  # fmt: skip
         submit(r, {"job": json.dumps(spec)})
         if rng.random() < 0.05:
             submit(r, {"job": json.dumps(spec)})  # the backend retried its XADD
@@ -686,6 +688,13 @@ def run_chaos(tmp_path: Path, size: dict[str, int], seed: int, sandbox: Emulator
         pods = bounded("list Pods", core.list_namespaced_pod, namespace,
                        label_selector=f"{Label.MANAGED_BY}={MANAGER}").items  # fmt: skip
         orphans = [p.metadata.name for p in pods if not {o.uid for o in p.metadata.owner_references or []} & uids]
+
+        def job_users() -> list[str]:
+            return [u for u in r.execute_command("ACL", "USERS") if u.startswith("gpujob-job:")]
+
+        with contextlib.suppress(TimeoutError):  # revoked when each job ended, or swept (every 2 s here)
+            wait_for(lambda: not job_users(), 30, what="every job's Redis user deleted")
+        leaked = job_users()
         injected = sandbox.injected()
     finally:
         stop.set()
@@ -718,6 +727,8 @@ def run_chaos(tmp_path: Path, size: dict[str, int], seed: int, sandbox: Emulator
         assert not unmarked, f"drained Pods last seen as (phase, DisruptionTarget): {unmarked}"
         # 3. no Pod without its GpuJob, and at most one running Pod per GpuJob at any time
         assert not orphans, f"orphan pods: {orphans[:5]}"
+        # 3b. every job has ended: none of the per-job Redis users the operator made is left
+        assert not leaked, f"per-job Redis users left after every job ended: {leaked[:5]}"
         assert max(chaos.max_running_per_job.values(), default=0) <= 1, chaos.max_running_per_job.most_common(3)
         # ... and that check saw the Pods: a monitor that saw nothing would pass it (watch resumptions may miss a
         #     short Running phase now and then, hence 90 %)

@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from gpujob import kube
 from gpujob.api.constants import MANAGER, Label, Phase
@@ -124,12 +125,12 @@ class JobCredentials:
                 await asyncio.to_thread(made.s3.users)
             except Exception as exc:
                 problems.append(f"S3: {exc}")
-        if made.s3 is None:
-            if settings.credentials_mode == "auto":
-                # Workers need S3 for their artifacts: without the operator's own S3 keys they can only get
-                # the shared ones (GPUJOB_WORKER_SECRET), as before per-job credentials.
-                return None
-            problems.append("the operator has no S3 keys (GPUJOB_S3_ACCESS_KEY, GPUJOB_S3_SECRET_KEY)")
+        if made.s3 is None and settings.credentials_mode == "auto":
+            # Workers need S3 for their artifacts: without the operator's own S3 keys they can only get the
+            # shared ones (GPUJOB_WORKER_SECRET), as before per-job credentials. `on` makes what it can.
+            return None
+        if made.s3 is None and made.redis is None:
+            problems.append("neither GPUJOB_REDIS_URL nor the S3 keys (GPUJOB_S3_ACCESS_KEY/SECRET_KEY) are set")
         if problems:
             why = "; ".join(problems)
             if settings.credentials_mode == "on":
@@ -166,10 +167,19 @@ class JobCredentials:
                 "GPUJOB_S3_REGION": self.settings.s3_region or "us-east-1",
             }
         if want_redis and self.redis is not None and self.settings.redis_url is not None:
-            user, password = await self.redis.create(cred, expires)
-            base_url = self.settings.redis_url.get_secret_value()
-            data["GPUJOB_REDIS_URL"] = redis_acl.redis_url_for(base_url, user, password)
-            data["GPUJOB_EVENTS_STREAM"] = redis_acl.job_stream(self.settings, cred.job_id)
+            try:
+                user, password = await self.redis.create(cred, expires)
+            except (RedisError, OSError) as exc:
+                # Progress is best effort, the attempt is not: without Redis now, the Pod runs without a Redis
+                # user (its worker only logs its progress) rather than wait for Redis.
+                log.warning("no Redis user for this attempt: Redis unavailable", error=str(exc))
+                want_redis = False
+            else:
+                base_url = self.settings.redis_url.get_secret_value()
+                data["GPUJOB_REDIS_URL"] = redis_acl.redis_url_for(base_url, user, password)
+                data["GPUJOB_EVENTS_STREAM"] = redis_acl.job_stream(self.settings, cred.job_id)
+        if not data:
+            return None
         ref = JobRef(cred.namespace, cred.name, cred.uid)
         body = secret_body(ref, cred.job_id, data, expires)
         name: str = body["metadata"]["name"]
