@@ -327,3 +327,67 @@ def test_a_waiting_job_hears_its_queue_position_on_its_channel_and_its_move_when
     finally:
         pubsub.close()
         listener.close()
+
+
+def test_a_job_waiting_in_a_full_queue_with_cpu_fallback_gets_a_pod_without_a_gpu(
+    operator: OperatorProcess, cluster: Cluster, make_queue: QueueMaker
+) -> None:
+    """spec.fallback.cpuAfterSeconds: 1 in a full queue: the next attempt runs on CPU (no GPU limit or toleration,
+    the fallback's resources), says so (condition, status, Event) and counts against no quota."""
+    queue = make_queue({"nvidia.com/gpu": 1})
+    cluster.create_job("holder", {"type": "train_lora", "gpus": 1, "queue": queue})
+    cluster.wait_pod("holder", 1)
+    resources = {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "2Gi"}}
+    fallback = {"cpuAfterSeconds": 1, "resources": resources}
+    cluster.create_job("patient", {"type": "train_lora", "gpus": 1, "queue": queue, "fallback": fallback})
+
+    pod = cluster.wait_pod("patient", 1)
+    [container] = pod.spec.containers
+    assert container.resources.requests == {"cpu": "500m", "memory": "1Gi"}
+    assert container.resources.limits == {"memory": "2Gi"}  # no nvidia.com/gpu
+    assert not [t for t in pod.spec.tolerations or [] if t.key == "nvidia.com/gpu"]
+    assert not [k for k in cluster.without_pen(pod.spec.node_selector) if k.startswith("nvidia.com/")]
+    assert {"name": "GPUJOB_GPUS", "value": "0"} in [{"name": e.name, "value": e.value} for e in container.env]
+    status = cluster.wait_until(
+        lambda: _condition(s := cluster.status("patient"), "Fallback") == ("True", "CpuFallback") and s,
+        what="the job's Fallback condition",
+    )
+    assert status["fallback"]["device"] == "cpu" and status["fallback"]["reason"] == Reason.QUOTA_EXCEEDED
+    assert status["fallback"]["attempt"] == 1 and status["attempts"] == 1 and "admission" not in status
+    assert status.get("failures", 0) == 0
+    # Not counted against the queue's GPUs: the holder alone uses them, nothing pends.
+    cluster.wait_until(
+        lambda: (q := _queue_status(cluster, queue)).get("pending") == 0 and q.get("admitted") == 1,
+        what="the queue's status to count the holder alone",
+    )
+    assert _queue_status(cluster, queue)["usage"] == {"nvidia.com/gpu": "1"}
+    events = client.EventsV1Api(cluster.core.api_client)
+    cluster.wait_until(
+        lambda: [
+            e
+            for e in events.list_namespaced_event(cluster.namespace).items
+            if e.regarding and e.regarding.name == "patient" and e.reason == "Fallback"
+        ],
+        what="the Fallback Event",
+    )
+
+
+def test_a_type_that_cannot_run_on_cpu_keeps_waiting_for_its_gpu(
+    operator: OperatorProcess, cluster: Cluster, make_queue: QueueMaker
+) -> None:
+    queue = make_queue({"nvidia.com/gpu": 1})
+    cluster.create_job("holder", {"type": "train_lora", "gpus": 1, "queue": queue})
+    cluster.wait_pod("holder", 1)
+    video = {"type": "render_video", "gpus": 1, "queue": queue, "fallback": {"cpuAfterSeconds": 1}}
+    cluster.create_job("video", video)
+    status = cluster.wait_until(
+        lambda: _condition(s := cluster.status("video"), "Fallback") == ("False", "CpuFallbackUnsupported") and s,
+        what="the job to say it cannot fall back",
+    )
+    assert status["phase"] == Phase.QUEUED and status["reason"] == Reason.QUOTA_EXCEEDED
+    assert "fallback" not in status and not cluster.pods("video")
+
+
+def _condition(status: dict[str, Any], ctype: str) -> tuple[str, str] | None:
+    found = [(c["status"], c["reason"]) for c in status.get("conditions", []) if c["type"] == ctype]
+    return found[0] if found else None

@@ -100,6 +100,9 @@ class ConditionType(StrEnum):
     # A Pod of the job outlived its deletion's grace period (a finalizer, or a node that never confirms): the
     # next attempt waits for it to be gone.
     POD_TERMINATING = "PodTerminating"
+    # spec.fallback: True once the job runs on CPU (reason CpuFallback); False with CpuFallbackUnsupported when it
+    # asks for fallback but its task type cannot run on CPU.
+    FALLBACK = "Fallback"
 
 
 class Reason(StrEnum):
@@ -147,6 +150,10 @@ class Reason(StrEnum):
     NAMESPACE_NOT_ALLOWED = "NamespaceNotAllowed"
     ADMITTED = "Admitted"
     PREEMPTED = "Preempted"  # evicted by its queue for a higher-priority job (or to reclaim lent quota)
+    # spec.fallback: its next attempt runs on CPU (it waited cpuAfterSeconds for a GPU); or it never will, its type
+    # cannot run on CPU (gpujob.api.fallback.RUNS_ON_CPU).
+    CPU_FALLBACK = "CpuFallback"
+    CPU_FALLBACK_UNSUPPORTED = "CpuFallbackUnsupported"
 
 
 # Reasons of status.reason/conditions the operator never sets (kept for other vocabularies, e.g. metrics labels).
@@ -171,6 +178,7 @@ class EventReason(StrEnum):
     QUEUED = "Queued"  # the job's queue has not admitted it (the note says why: QuotaExceeded, QueueNotFound, ...)
     ADMITTED = "Admitted"  # the job's queue admitted it: its Pod follows
     PREEMPTED = "Preempted"  # its queue evicted it for another job: the Pod stops gracefully, the job waits again
+    FALLBACK = "Fallback"  # it waited spec.fallback.cpuAfterSeconds for a GPU: its next attempt runs on CPU
 
 
 class ExitCode:

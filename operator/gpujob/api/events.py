@@ -11,6 +11,8 @@ from gpujob.api.constants import TERMINAL_PHASES
 # A request that never became a GpuJob (dead-lettered by the intake): the event status is not a phase, since no
 # GpuJob has one. Its `reason` is the dead letter's; final like the terminal phases.
 REJECTED: Final = "rejected"
+# A job moved to CPU (spec.fallback): sent just before the `scheduled` event of its first CPU attempt; not final.
+FALLBACK: Final = "fallback"
 # Every event status after which nothing more comes for the job (what `gpujob watch` and a backend stop on).
 FINAL_STATUSES: Final = frozenset({*(p.event_status for p in TERMINAL_PHASES), REJECTED})
 

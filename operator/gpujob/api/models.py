@@ -110,6 +110,31 @@ class Resources(WireModel):
     limits: dict[str, Quantity | int] = Field(default_factory=dict, max_length=16)
 
 
+class Fallback(WireModel):
+    """CPU fallback (docs/queues.md): a GPU job not admitted by its queue, or whose Pod stays unschedulable, this
+    long runs its next attempt on CPU, with these resources instead of GPUs. Only for task types that can run on
+    CPU (gpujob.api.fallback.RUNS_ON_CPU; a `custom` job that sets spec.fallback says its command can)."""
+
+    cpu_after_seconds: int = Field(
+        ge=1,
+        le=7 * 86400,
+        description="Seconds a GPU job waits (not admitted by its queue, or its Pod unschedulable) before its next "
+        "attempt runs on CPU.",
+    )
+    resources: Resources = Field(
+        default_factory=Resources,
+        description="CPU/memory requests and limits of the CPU attempts (no GPUs: resource names of GPUs are refused).",
+    )
+
+    @field_validator("resources")
+    @classmethod
+    def _no_gpus(cls, value: Resources) -> Resources:
+        for key in [*value.requests, *value.limits]:
+            if "/" in key:  # extended resources: nvidia.com/gpu, MIG slices, amd.com/gpu, ...
+                raise ValueError(f"the CPU attempt asks for no extended resources ({key}): only cpu, memory, ...")
+        return value
+
+
 MAX_PARAMS_DEPTH = 32  # JSON nesting of spec.params (serializers give up near 256; no task needs more than a few)
 
 
@@ -170,6 +195,7 @@ class GpuJobSpec(WireModel):
     suspend: bool = False
     cancel: bool = Field(False, description="Stop the job for good: Pod deleted, phase Cancelled.")
     models: ModelsVolume = Field(default_factory=ModelsVolume)
+    fallback: Fallback | None = Field(None, description="Run on CPU after waiting this long for a GPU.")
     credentials: CredentialsRequest = Field(default_factory=CredentialsRequest)
 
     @field_validator("params")
@@ -259,6 +285,15 @@ class QueuePosition(WireModel):
     )
 
 
+class FallbackStatus(WireModel):
+    """The job runs on CPU (spec.fallback): set when it was moved, kept for its later attempts."""
+
+    device: str = Field("cpu", description="Where its attempts run now.")
+    since: str = Field(description="When it was moved to CPU.")
+    reason: str = Field(max_length=128, description="What it waited for: QuotaExceeded, Unschedulable, ...")
+    attempt: int = Field(0, ge=0, description="Its first attempt on CPU (0 until that attempt starts).")
+
+
 class GpuJobStatus(WireModel):
     """What the operator writes; unknown keys are tolerated (kopf keeps its own bookkeeping here)."""
 
@@ -284,3 +319,4 @@ class GpuJobStatus(WireModel):
     queue: QueuePosition | None = None
     preempting: Preempting | None = None
     preemptions: int = 0  # times the job was preempted (never counted as failures)
+    fallback: FallbackStatus | None = None  # on CPU (spec.fallback)

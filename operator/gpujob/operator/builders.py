@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gpujob.api.constants import (
@@ -113,6 +113,36 @@ def _resources(spec: GpuJobSpec) -> dict[str, Any]:
 
 
 GPU_TOLERATION: dict[str, Any] = {"key": GPU_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}
+# CPU attempts (spec.fallback): node labels only GPU nodes carry (GPU Feature Discovery, device plugins) are not
+# asked for, the GPU taint is not tolerated (a CPU attempt stays off GPU nodes where they are tainted), and the
+# worker is told it runs on CPU by intent; NVIDIA_VISIBLE_DEVICES=void: a node whose container runtime hands every
+# GPU to every container (the NVIDIA runtime as default) gives this one none.
+GPU_LABEL_PREFIXES = ("nvidia.com/", "amd.com/")
+CPU_ATTEMPT_ENV = {"GPUJOB_GPUS": "0", "NVIDIA_VISIBLE_DEVICES": "void"}
+
+
+def _gpu_label(key: str) -> bool:
+    return key.startswith(GPU_LABEL_PREFIXES)
+
+
+def cpu_attempt(spec: GpuJobSpec) -> GpuJobSpec:
+    """The spec of an attempt on CPU: no GPUs, spec.fallback.resources (the job's own when it sets none), no GPU
+    node selector (gpuProduct, nvidia.com/* labels), no toleration of the GPU taint."""
+    fallback = spec.fallback
+    resources = (
+        fallback.resources
+        if fallback is not None and (fallback.resources.requests or fallback.resources.limits)
+        else spec.resources
+    )
+    return spec.model_copy(
+        update={
+            "gpus": 0,
+            "gpu_product": None,
+            "resources": resources,
+            "node_selector": {k: v for k, v in spec.node_selector.items() if not _gpu_label(k)},
+            "tolerations": [t for t in spec.tolerations if t.key != GPU_TAINT_KEY],
+        }
+    )
 
 
 def _covers_gpu_taint(toleration: dict[str, Any]) -> bool:
@@ -135,10 +165,26 @@ def _tolerations(spec: GpuJobSpec, defaults: PodDefaults) -> list[dict[str, Any]
 
 
 def build_pod(
-    ref: JobRef, spec: GpuJobSpec, attempt: int, defaults: PodDefaults, credentials_secret: str | None = None
+    ref: JobRef,
+    spec: GpuJobSpec,
+    attempt: int,
+    defaults: PodDefaults,
+    credentials_secret: str | None = None,
+    *,
+    cpu: bool = False,
 ) -> dict[str, Any]:
     """The Pod of `attempt` (1-based): deterministic name, owned by the GpuJob, restricted security context.
-    `credentials_secret`: the job's own credentials Secret, mounted as files (GPUJOB_CREDENTIALS_DIR)."""
+    `credentials_secret`: the job's own credentials Secret, mounted as files (GPUJOB_CREDENTIALS_DIR).
+    `cpu`: an attempt on CPU (spec.fallback, status.fallback): see `cpu_attempt`; the operator's default GPU node
+    selectors and GPU-taint tolerations are left out too."""
+    if cpu:
+        spec = cpu_attempt(spec)
+        defaults = replace(
+            defaults,
+            node_selector={k: v for k, v in defaults.node_selector.items() if not _gpu_label(k)},
+            tolerations=tuple(t for t in defaults.tolerations if t.get("key") != GPU_TAINT_KEY),
+            passthrough_env=defaults.passthrough_env | CPU_ATTEMPT_ENV,
+        )
     node_selector = defaults.node_selector | spec.node_selector
     if spec.gpu_product:
         node_selector[GPU_PRODUCT_LABEL] = spec.gpu_product

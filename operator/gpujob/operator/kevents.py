@@ -73,6 +73,10 @@ def events_for(old: GpuJobStatus, decision: Decision, generation: int | None) ->
             cause = new.message if plain else _because(new.reason, new.message)
         note = f"attempt {decision.create_attempt}: created Pod {new.pod_name or ''}".rstrip()
         out.append(EventSpec(NORMAL, EventReason.ATTEMPT_STARTED, "CreatePod", f"{note} ({cause})" if cause else note))
+    was = next((c for c in old.conditions if c.type == ConditionType.FALLBACK), None)
+    now = next((c for c in new.conditions if c.type == ConditionType.FALLBACK), None)
+    if now is not None and now.status == "True" and (was is None or was.status != "True"):  # moved to CPU
+        out.append(EventSpec(WARNING, EventReason.FALLBACK, "Fallback", now.message))
     was = next((c for c in old.conditions if c.type == ConditionType.SCHEDULED), None)
     now = next((c for c in new.conditions if c.type == ConditionType.SCHEDULED), None)
     if now is not None and now.status == "True" and (was is None or was.status != "True") and new.node_name:
@@ -121,7 +125,7 @@ def _queue_events(old: GpuJobStatus, new: GpuJobStatus) -> list[EventSpec]:
         return [EventSpec(NORMAL, EventReason.ADMITTED, "Admit", now.message)]
     if now.reason == Reason.PREEMPTED:
         return [EventSpec(NORMAL, EventReason.PREEMPTED, "Preempt", now.message)]
-    if now.reason == Reason.SUSPENDED:
+    if now.reason in (Reason.SUSPENDED, Reason.CPU_FALLBACK):  # the Suspended or Fallback Event says it
         return []
     return [EventSpec(NORMAL, EventReason.QUEUED, "Admit", _because(now.reason, now.message))]
 

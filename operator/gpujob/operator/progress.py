@@ -19,7 +19,7 @@ from typing import Any
 import redis.asyncio
 
 from gpujob.api.constants import Phase, Reason
-from gpujob.api.events import ProgressEvent
+from gpujob.api.events import FALLBACK, ProgressEvent
 from gpujob.api.models import GpuJobStatus, Progress
 from gpujob.api.naming import job_id_of
 from gpujob.events import AsyncPublisher, make_event
@@ -46,6 +46,11 @@ def transition_events(job: dict[str, Any], transitions: list[Transition], status
         artifacts = [a.wire() for a in status.artifacts] if t.new is Phase.SUCCEEDED and status.artifacts else None
         # Waiting for its queue: where it stands (later moves come from the queue manager, rate-limited).
         waits = t.new is Phase.QUEUED and queue is not None and status.queue is not None and status.queue.position > 0
+        if t.new is Phase.SCHEDULED and t.reason == Reason.CPU_FALLBACK and status.fallback is not None:
+            # spec.fallback: the job waited too long for a GPU; this attempt runs on CPU (README, the events)
+            waited = status.fallback.reason
+            fields = {"attempt": t.attempt, "reason": t.reason, "device": "cpu", "waitedFor": waited}
+            events.append(make_event(job_id, FALLBACK, percent, t.message, source=EVENT_SOURCE, **fields))
         events.append(
             make_event(
                 job_id,

@@ -171,7 +171,7 @@ class Reconciler:
         duplicate_of = f"{owner[0]}/{owner[1]}" if owner is not None and owner != key else None
         decision = decide(job, self.store.pods_of(ref.uid), now, spec=spec, gate=gate, duplicate_of=duplicate_of)
         vanished = (job.get("status") or {}).get("podName")
-        if vanished and any(t.reason == Reason.POD_DELETED for t in decision.transitions):
+        if vanished and any(t.reason in (Reason.POD_DELETED, Reason.CPU_FALLBACK) for t in decision.transitions):
             # The cache says the current attempt's Pod is gone; ask the API before starting over.
             pod = await kube.get_pod(key[0], vanished)
             if pod is not None:
@@ -195,7 +195,8 @@ class Reconciler:
             except CredentialsRefused as exc:
                 decision = fail_now(job, Reason.INVALID_PARAMS, f"no credentials can be made: {exc}", now)
         if decision.create_attempt is not None and spec is not None:
-            pod_body = build_pod(ref, spec, decision.create_attempt, self.defaults, secret)
+            on_cpu = decision.status.fallback is not None  # spec.fallback: this attempt runs on CPU
+            pod_body = build_pod(ref, spec, decision.create_attempt, self.defaults, secret, cpu=on_cpu)
             try:
                 _, created = await kube.create_pod(key[0], pod_body)
             except ApiException as exc:

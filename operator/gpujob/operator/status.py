@@ -14,10 +14,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from gpujob.api.constants import ConditionType, Phase, PodPhase, Reason
-from gpujob.api.models import GpuJobSpec, GpuJobStatus, Progress, QueuePosition
+from gpujob.api.models import FallbackStatus, GpuJobSpec, GpuJobStatus, Progress, QueuePosition
 from gpujob.api.naming import job_id_of
 from gpujob.api.params import params_error
-from gpujob.operator import policy
+from gpujob.operator import fallback, policy
 from gpujob.operator.conventions import iso, parse_time, set_condition, truncate
 from gpujob.operator.podview import (
     ALIVE_POD_PHASES,
@@ -129,12 +129,23 @@ def _start_attempt(
         _finish(b, Phase.FAILED, Reason.INVALID_PARAMS, f"invalid params for {spec.type.value}: {invalid}")
         _ttl(spec, b.status, b.now, d)
         return False
-    if b.gate is not None and spec.queue and b.status.admission is None:
+    if b.gate is not None and spec.queue and b.status.admission is None and b.status.fallback is None:
         _wait_for_admission(b, spec.queue, b.gate)
-        return False
+        since = fallback.not_admitted_since(b.status)
+        verdict = fallback.after_waiting(spec, since, b.now)
+        if not verdict.move:
+            if verdict.due is not None:
+                _requeue(d, (verdict.due - b.now).total_seconds())
+            return False
+        waited = (b.now - since).total_seconds() if since is not None else 0.0
+        _move_to_cpu(b, spec, b.status.reason or Reason.QUOTA_EXCEEDED, f"not admitted by queue {spec.queue!r}", waited)
     if spec.queue and b.status.admission is not None:
         b.status.queue = None
         b.cond(ConditionType.ADMITTED, True, Reason.ADMITTED, f"admitted by queue {b.status.admission.queue!r}")
+    if b.status.fallback is not None and b.status.fallback.attempt == 0:  # the first attempt on CPU
+        b.status.fallback.attempt = b.status.attempts + 1
+        reason = Reason.CPU_FALLBACK
+        message = f"attempt {b.status.attempts + 1} runs on CPU ({b.status.fallback.reason}: waited for a GPU)"
     b.status.attempts += 1
     b.status.pod_name = None
     b.status.node_name = None
@@ -144,6 +155,24 @@ def _start_attempt(
     b.phase(Phase.SCHEDULED, reason, message)
     b.cond(ConditionType.SCHEDULED, False, Reason.POD_CREATED, f"attempt {b.status.attempts}: Pod created")
     return True
+
+
+def _requeue(d: Decision, seconds: float) -> None:
+    d.requeue_after = seconds if d.requeue_after is None else min(d.requeue_after, seconds)
+
+
+def _move_to_cpu(b: _Builder, spec: GpuJobSpec, waited_for: str, what: str, seconds: float) -> None:
+    """spec.fallback: its next attempt (and the later ones) runs on CPU. It leaves its queue: no admission, no
+    position, no GPU quota counted (the queue manager leaves out jobs on CPU)."""
+    b.awaiting_admission = False
+    b.status.fallback = FallbackStatus(since=iso(b.now), reason=waited_for)
+    b.status.admission = None
+    b.status.queue = None
+    after = spec.fallback.cpu_after_seconds if spec.fallback is not None else 0
+    message = f"{what} for {seconds:.0f}s ({waited_for}; cpuAfterSeconds={after}): its next attempt runs on CPU"
+    b.cond(ConditionType.FALLBACK, True, Reason.CPU_FALLBACK, message)
+    if spec.queue:
+        b.cond(ConditionType.ADMITTED, False, Reason.CPU_FALLBACK, "runs on CPU, outside its queue's GPU quota")
 
 
 def _wait_for_admission(b: _Builder, queue: str, gate: QueueGate) -> None:
@@ -253,6 +282,8 @@ def decide(
     if b.status.progress is None and not (b.status.phase and b.status.phase.terminal):
         b.status.progress = Progress()  # 0 % from the start: `kubectl get gj` shows it before the worker reports
     phase = b.status.phase or Phase.QUEUED
+    if (refused := fallback.unsupported(spec)) is not None and not phase.terminal:
+        b.cond(ConditionType.FALLBACK, False, Reason.CPU_FALLBACK_UNSUPPORTED, refused)
 
     if phase.terminal:
         d.delete_pods = [p.name for p in pods if p.active]
@@ -350,6 +381,15 @@ def _observe_pod(b: _Builder, d: Decision, spec: GpuJobSpec, pod: PodView, now: 
         elif b.status.phase is not Phase.SCHEDULED:
             b.phase(Phase.SCHEDULED, Reason.POD_PENDING, f"attempt {pod.attempt} pending")
         since = pod.created or now
+        if reason == Reason.UNSCHEDULABLE and b.status.fallback is None:
+            verdict = fallback.after_waiting(spec, since, now)
+            if verdict.move:  # not a failure: the Pod goes, the next attempt (on CPU) follows once it is gone
+                d.delete_pods.append(pod.name)
+                what = f"attempt {pod.attempt}'s Pod unschedulable"
+                _move_to_cpu(b, spec, Reason.UNSCHEDULABLE, what, (now - since).total_seconds())
+                return
+            if verdict.due is not None:
+                _requeue(d, (verdict.due - now).total_seconds())
         deadline = since + timedelta(seconds=spec.pending_timeout_seconds)
         if now >= deadline:
             d.delete_pods.append(pod.name)
@@ -357,7 +397,7 @@ def _observe_pod(b: _Builder, d: Decision, spec: GpuJobSpec, pod: PodView, now: 
             msg = f"Pod pending longer than pendingTimeoutSeconds={spec.pending_timeout_seconds}"
             _attempt_failed(b, d, spec, pod, why, f"{msg} ({pod.message or why})")
         else:
-            d.requeue_after = (deadline - now).total_seconds()
+            _requeue(d, (deadline - now).total_seconds())
     elif pod.phase == PodPhase.RUNNING and pod.worker_finished and not pod.disruption:
         # The worker is done but the Pod runs on: a sidecar container outlives it. The worker's exit code is
         # the attempt's outcome; the Pod (and with it the sidecar) is deleted.
