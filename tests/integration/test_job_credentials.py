@@ -218,12 +218,23 @@ def test_a_restarted_operator_sweeps_what_ended_and_gone_jobs_left_behind(
     s3_bucket: str,
 ) -> None:
     operator = with_credentials()
-    for name in ("gone", "live"):
+    for name in ("gone", "live", "done"):
         cluster.create_job(name, job_spec())
         cluster.wait_until(lambda name=name: secret_data(cluster, name), what=f"{name}'s Secret")  # type: ignore[misc]
     gone = secret_data(cluster, "gone")
     assert gone is not None
+    cluster.run_pod("done", 1)
+    cluster.wait_phase("done", Phase.SUCCEEDED)
+    cluster.wait_until(lambda: secret_data(cluster, "done") is None, what="the ended job's Secret deleted")
+    done_uid = cluster.job("done")["metadata"]["uid"]  # type: ignore[index]
     operator.kill()
+    # As if the operator had died between the job's end and its revocation: its user and Secret are back.
+    future = int(time.time()) + 3600
+    redis_client.execute_command(
+        "ACL", "SETUSER", f"gpujob-job:{cluster.namespace}:done:{done_uid}:{future}", "on", ">pw", "+ping"
+    )
+    leftover = client.V1Secret(metadata=client.V1ObjectMeta(name=credentials_secret_name("done", done_uid)))
+    cluster.core.create_namespaced_secret(cluster.namespace, leftover)
     # While no operator runs: a GpuJob deleted, and credentials it made that have expired (as if made long ago).
     cluster.delete_job("gone")
     expired = JobRef(cluster.namespace, "old", str(uuid.uuid4()), "old", "train_lora")
@@ -235,6 +246,8 @@ def test_a_restarted_operator_sweeps_what_ended_and_gone_jobs_left_behind(
     cluster.wait_until(lambda: not _redis_users(redis_client, "gone"), what="the gone job's Redis user swept")
     cluster.wait_until(lambda: not _redis_users(redis_client, "old"), what="the expired Redis user swept")
     cluster.wait_until(lambda: _s3_refused(job_minio(s3_server, gone), s3_bucket), what="gone job's S3 keys swept")
+    cluster.wait_until(lambda: not _redis_users(redis_client, "done"), what="the ended job's Redis user swept")
+    cluster.wait_until(lambda: secret_data(cluster, "done") is None, what="the ended job's Secret swept")
     # The live job keeps its credentials.
     live = secret_data(cluster, "live")
     assert live is not None and _redis_users(redis_client, "live")
