@@ -391,3 +391,49 @@ def test_a_type_that_cannot_run_on_cpu_keeps_waiting_for_its_gpu(
 def _condition(status: dict[str, Any], ctype: str) -> tuple[str, str] | None:
     found = [(c["status"], c["reason"]) for c in status.get("conditions", []) if c["type"] == ctype]
     return found[0] if found else None
+
+
+def test_two_saturated_queues_with_weights_1_and_3_share_lent_quota_1_to_3(
+    operator: OperatorProcess, cluster: Cluster, make_queue: QueueMaker
+) -> None:
+    """Fair sharing: queues a (weight 1) and b (weight 3), 1 GPU of their own each and 12 one-GPU jobs each; a third
+    queue lends 8 idle GPUs. The lent GPUs split 2:6 (admitted 3:7), and stay so as jobs finish and the freed GPU
+    goes back to whichever queue is below its weighted share."""
+    gpu = "nvidia.com/gpu"
+    a = make_queue({gpu: 1}, weight=1)
+    b = make_queue({gpu: 1}, weight=3)
+    jobs = {a: [f"a-{i}" for i in range(12)], b: [f"b-{i}" for i in range(12)]}
+    for queue, names in jobs.items():
+        for name in names:
+            cluster.create_job(name, {"type": "train_lora", "gpus": 1, "queue": queue})
+    for queue in (a, b):  # every job known to the operator, each queue at its own quota, before any GPU is lent
+        cluster.wait_until(
+            lambda q=queue: (s := _queue_status(cluster, q)).get("admitted") == 1 and s.get("pending") == 11,
+            what=f"queue {queue} to hold one job and 11 pending",
+        )
+    make_queue({gpu: 8})  # the lender: 8 GPUs it does not use
+
+    def admitted(queue: str) -> list[str]:
+        listing = cluster.custom.list_namespaced_custom_object(GROUP, VERSION, cluster.namespace, "gpujobs")["items"]
+        return sorted(
+            j["metadata"]["name"]
+            for j in listing
+            if ((j.get("status") or {}).get("admission") or {}).get("queue") == queue
+            and (j.get("status") or {}).get("phase") != Phase.SUCCEEDED
+        )
+
+    def split(borrowed_a: int, borrowed_b: int) -> bool:
+        return (
+            _queue_status(cluster, a).get("borrowed") == {gpu: str(borrowed_a)}
+            and _queue_status(cluster, b).get("borrowed") == {gpu: str(borrowed_b)}
+            and len(admitted(a)) == 1 + borrowed_a
+            and len(admitted(b)) == 1 + borrowed_b
+        )
+
+    cluster.wait_until(lambda: split(2, 6), what="the 8 lent GPUs to split 2:6 (weights 1:3)")
+    for queue in (a, b, b, a):  # a job of each queue ends; the lent GPU it frees goes back to the same queue
+        [done, *_] = admitted(queue)
+        cluster.set_pod(cluster.wait_pod(done, 1).metadata.name, "Succeeded", exit_code=0)
+        cluster.wait_phase(done, Phase.SUCCEEDED)
+        cluster.wait_until(lambda: split(2, 6), what=f"the split to stay 2:6 after {done} finished")
+    assert sum(1 for names in jobs.values() for n in names if cluster.status(n).get("phase") == Phase.SUCCEEDED) == 4
