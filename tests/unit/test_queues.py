@@ -193,3 +193,20 @@ def test_the_start_estimate_comes_from_the_queues_finished_jobs_and_is_sent_with
     asyncio.run(mgr.plan_once())
     # Position 1, one job running, a mean of 20 minutes: about 20 minutes from now.
     assert [(e.jobId, e.position, e.estimatedStart) for e in events] == [("w0001", 1, "2026-01-01T13:20:00Z")]
+
+
+def test_a_new_queued_job_is_not_written_before_its_queues_first_plan() -> None:
+    """The reconciler leaves a new job of a queue alone until the plan has a word on it (admitted: Queued and
+    Scheduled in one write, one write fewer per job); a job that waits, or has a phase, or is being cancelled or
+    suspended, is reconciled as before."""
+    from gpujob.api.models import GpuJobSpec
+    from gpujob.operator.reconciler import _first_plan_pending
+
+    spec = GpuJobSpec.model_validate({"type": "custom", "queue": "a"})
+    new = job("new", {"queue": "a"})
+    assert _first_plan_pending(new, spec, QueueGate())
+    assert not _first_plan_pending(new, spec, QueueGate("QuotaExceeded", 3, "position 3"))
+    assert not _first_plan_pending(job("q", {"queue": "a"}, {"phase": "Queued"}), spec, QueueGate())
+    assert not _first_plan_pending(job("a", {"queue": "a"}, {"admission": {"queue": "a"}}), spec, QueueGate())
+    cancelled = GpuJobSpec.model_validate({"type": "custom", "queue": "a", "cancel": True})
+    assert not _first_plan_pending(new, cancelled, QueueGate())
