@@ -328,6 +328,24 @@ async def get_gpujob(namespace: str, name: str) -> dict[str, Any] | None:
     return obj
 
 
+async def get_peering(name: str, namespace: str | None) -> dict[str, Any] | None:
+    """kopf's peering object (kopf.dev/v1): a ClusterKopfPeering (namespace None) or a namespace's KopfPeering;
+    None when there is none. Read by a list narrowed to its name: the chart grants list and watch on peerings
+    (kopf's own need), not get."""
+    custom: Any = client.CustomObjectsApi(await api_client())
+    selector = f"metadata.name={name}"
+    if namespace is None:
+        found = await custom.list_cluster_custom_object(
+            "kopf.dev", "v1", "clusterkopfpeerings", field_selector=selector
+        )
+    else:
+        found = await custom.list_namespaced_custom_object(
+            "kopf.dev", "v1", namespace, "kopfpeerings", field_selector=selector
+        )
+    items: list[dict[str, Any]] = [i for i in found.get("items") or [] if i.get("metadata", {}).get("name") == name]
+    return items[0] if items else None
+
+
 async def patch_gpujob(namespace: str, name: str, patch: dict[str, Any], *, status: bool = False) -> Effect:
     """JSON merge-patch of a GpuJob (or its status subresource); 404 = the job is gone."""
     custom: Any = client.CustomObjectsApi(await api_client())

@@ -91,5 +91,6 @@ def configure(settings: kopf.OperatorSettings, runtime: Runtime) -> None:
         settings.peering.mandatory = True
         # Replicas of one Deployment must not share a priority, or kopf freezes all of them.
         settings.peering.priority = peering_priority(os.environ.get("POD_ID") or socket.gethostname())
+        runtime.watch_pause(settings.peering.name, settings.peering.priority)  # our timers, mirror and queues
     else:
         settings.peering.standalone = True

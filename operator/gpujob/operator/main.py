@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable
+from typing import Any, cast
 
 import kopf
 
@@ -18,6 +19,7 @@ from gpujob.logging import configure as configure_logging
 from gpujob.logging import register_secret
 from gpujob.metrics import Metrics
 from gpujob.operator.handlers import register
+from gpujob.operator.pause import replica_identity
 from gpujob.operator.runtime import RedisService, Runtime, pod_defaults
 from gpujob.settings import Settings, get_settings
 
@@ -74,6 +76,8 @@ async def _run(
             namespaces=namespaces or (),
             standalone=peering is None,
             peering_name=peering,
+            # The identity Runtime's pause (gpujob.operator.pause) looks for in the peering object.
+            identity=cast(Any, replica_identity()) if peering else None,
             ready_flag=runtime.started,
         )
     finally:

@@ -121,6 +121,7 @@ class ProgressMirror:
     write: ProgressWriter
     interval: float = 2.0
     on_progress: Callable[[str, str, float], None] | None = None  # (job_id, type, percent) -> metrics
+    paused: Callable[[], bool] | None = None  # HA: a paused replica writes nothing (the active one mirrors)
     _last_write: dict[JobKey, float] = field(default_factory=dict)
     _pending: dict[JobKey, Progress] = field(default_factory=dict)
     _flushers: dict[JobKey, asyncio.Task[None]] = field(default_factory=dict)
@@ -151,6 +152,8 @@ class ProgressMirror:
         try:
             event = ProgressEvent.model_validate_json(raw)
         except ValueError:  # not UTF-8, not JSON, not an event (pydantic's ValidationError is a ValueError)
+            return
+        if self.paused is not None and self.paused():
             return
         key = self.store.key_of_job_id(event.jobId)
         job = self.store.job(key) if key else None

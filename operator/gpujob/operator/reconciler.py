@@ -76,6 +76,10 @@ class Reconciler:
     _timers: dict[JobKey, asyncio.TimerHandle] = field(default_factory=dict)
     _errors: dict[JobKey, int] = field(default_factory=dict)
     _over_quota: dict[JobKey, int] = field(default_factory=dict)  # jobs a ResourceQuota refused: tries so far
+    # True while this replica is paused by kopf's peering (gpujob.operator.pause): no pass runs, so no write,
+    # whatever fires (a watch event, a pending-timeout, retry or TTL timer); resume() passes them again.
+    paused: Callable[[], bool] | None = None
+    _deferred: set[JobKey] = field(default_factory=set)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     # --- triggers
@@ -109,6 +113,7 @@ class Reconciler:
         self._locks.pop(key, None)
         self._errors.pop(key, None)
         self._over_quota.pop(key, None)
+        self._deferred.discard(key)
 
     def quota_freed(self, namespace: str) -> None:
         """A Pod of ours in `namespace` is gone: the jobs its ResourceQuota refused try again now."""
@@ -124,7 +129,18 @@ class Reconciler:
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    def resume(self, keys: list[JobKey]) -> None:
+        """The pause is over: pass `keys` (every job the cache holds) and those deferred while paused again."""
+        for key in {*keys, *self._deferred}:
+            self.trigger_soon(key, 0.0)
+        self._deferred.clear()
+
     async def trigger(self, key: JobKey) -> None:
+        if self.paused is not None and self.paused():
+            if key not in self._deferred:  # a paused replica writes nothing: its cache may be frozen and stale
+                log.info("paused: pass deferred until resumed", job=f"{key[0]}/{key[1]}")
+                self._deferred.add(key)
+            return
         lock = self._locks.setdefault(key, asyncio.Lock())
         held = self.store.job(key)
         # Every line of the pass (ours, the API wrapper's) names the job: job=namespace/name, job_id.

@@ -16,7 +16,7 @@ from typing import Any, Final
 import redis.asyncio
 
 from gpujob import kube
-from gpujob.api.constants import GROUP, MANAGER, PLURAL, VERSION, Label, Phase
+from gpujob.api.constants import GROUP, MANAGER, PLURAL, VERSION, Label, Phase, Reason
 from gpujob.api.models import GpuJobStatus, Progress
 from gpujob.api.naming import job_id_of
 from gpujob.events import EventPublisher, async_client
@@ -30,6 +30,7 @@ from gpujob.operator.cache import JobKey, Store
 from gpujob.operator.conventions import parse_time
 from gpujob.operator.credentials import JobCredentials
 from gpujob.operator.kevents import EventRecorder
+from gpujob.operator.pause import Pause, replica_identity
 from gpujob.operator.progress import EventForwarder, ProgressMirror
 from gpujob.operator.queues import QueueManager
 from gpujob.operator.reconciler import Reconciler, utcnow
@@ -85,6 +86,7 @@ class Runtime:
     redis: redis.asyncio.Redis | None = None
     forwarder: EventForwarder | None = None
     mirror: ProgressMirror | None = None
+    pause: Pause | None = None  # HA: this replica's kopf peering pause (gpujob.operator.pause)
     credentials: JobCredentials | None = None  # per-job credentials, when on (gpujob.operator.credentials)
     services: dict[str, RedisService] = field(default_factory=dict)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
@@ -128,6 +130,20 @@ class Runtime:
         if task in self._tasks:
             self._tasks.remove(task)
 
+    def watch_pause(self, peering: str, priority: int) -> None:
+        """HA (kopf peering): follow this replica's pause; while paused no pass runs, no timer acts, the progress
+        mirror and the queue manager write nothing. On resume every job is passed again (kopf relists too)."""
+        if self.pause is not None:
+            return
+        self.pause = Pause(peering, replica_identity(), priority, self.namespaces)
+        self.pause.on_resume.append(self._resumed)
+        self.reconciler.paused = self.pause.active
+        self.queues.paused = self.pause.active
+
+    def _resumed(self) -> None:
+        self.reconciler.resume(list(self.store.jobs))
+        self.queues.poke()
+
     async def start(self) -> None:
         """kopf's start-up handler: safe to run again if kopf retries it (nothing here is started twice)."""
         # Before kopf resolves its resources (its watchers start after this startup handler).
@@ -136,6 +152,8 @@ class Runtime:
         await self._list_queues()
         if not any(task.get_name() == "kubernetes-events" for task in self._tasks):
             self.spawn("kubernetes-events", self.recorder.run())
+        if self.pause is not None and not any(task.get_name() == "pause" for task in self._tasks):
+            self.spawn("pause", self.pause.run(self.stopping))
         if not any(task.get_name() == "queues" for task in self._tasks):
             self.spawn("queues", self.queues.run())
         if self.settings.cache_audit_seconds > 0 and not any(t.get_name() == "cache-audit" for t in self._tasks):
@@ -156,6 +174,8 @@ class Runtime:
                 interval=self.settings.status_progress_interval,
                 on_progress=self._on_progress,
             )
+            if self.pause is not None:
+                self.mirror.paused = self.pause.active
             self.spawn("progress-mirror", self.mirror.run())
             for name, service in self.services.items():
                 self.spawn(name, service(self.redis, self.stopping))
@@ -256,6 +276,8 @@ class Runtime:
                 transition_at=utcnow(),
                 started_at=parse_time(status.start_time),
             )
+            if t.new is Phase.SCHEDULED and t.reason == Reason.CPU_FALLBACK and spec.get("queue"):
+                self.metrics.queue_fallback(str(spec["queue"]))  # its queue could not give it a GPU in time
 
     async def record_gpu_efficiency(
         self, job: dict[str, Any], transitions: list[Transition], status: GpuJobStatus
