@@ -330,10 +330,22 @@ def test_a_waiting_job_hears_its_queue_position_on_its_channel_and_its_move_when
 
 
 def test_a_job_waiting_in_a_full_queue_with_cpu_fallback_gets_a_pod_without_a_gpu(
-    operator: OperatorProcess, cluster: Cluster, make_queue: QueueMaker
+    operator_factory: Callable[..., OperatorProcess], cluster: Cluster, make_queue: QueueMaker, redis_url: str
 ) -> None:
     """spec.fallback.cpuAfterSeconds: 1 in a full queue: the next attempt runs on CPU (no GPU limit or toleration,
-    the fallback's resources), says so (condition, status, Event) and counts against no quota."""
+    the fallback's resources), says so (condition, status, Event, a `fallback` event on the job's channel) and
+    counts against no quota."""
+    operator_factory({"GPUJOB_REDIS_URL": redis_url})
+    listener = redis.Redis.from_url(redis_url, decode_responses=True)
+    pubsub = listener.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe("gpujobs:progress:patient")  # the backend subscribes before it submits
+    heard: list[ProgressEvent] = []
+
+    def fallback_event() -> ProgressEvent | None:
+        while (message := pubsub.get_message(timeout=0.05)) is not None:
+            heard.append(ProgressEvent.model_validate_json(message["data"]))
+        return next((e for e in heard if e.status == "fallback"), None)
+
     queue = make_queue({"nvidia.com/gpu": 1})
     cluster.create_job("holder", {"type": "train_lora", "gpus": 1, "queue": queue})
     cluster.wait_pod("holder", 1)
@@ -370,6 +382,16 @@ def test_a_job_waiting_in_a_full_queue_with_cpu_fallback_gets_a_pod_without_a_gp
         ],
         what="the Fallback Event",
     )
+    try:
+        moved = cluster.wait_until(fallback_event, what="the fallback event on the job's channel")
+    finally:
+        pubsub.close()
+        listener.close()
+    assert moved.reason == "CpuFallback" and moved.attempt == 1 and moved.source == "operator"
+    assert (moved.model_extra or {}).get("device") == "cpu"
+    assert (moved.model_extra or {}).get("waitedFor") == Reason.QUOTA_EXCEEDED
+    statuses = [e.status for e in heard]
+    assert statuses.index("fallback") < statuses.index("scheduled")  # just before its CPU attempt's event
 
 
 def test_a_type_that_cannot_run_on_cpu_keeps_waiting_for_its_gpu(
