@@ -331,6 +331,12 @@ class Metrics:
             ["queue"],
             registry=r,
         )
+        self.queue_fallbacks = Counter(
+            "gpujob_queue_fallbacks_total",
+            "Jobs of the GpuQueue moved to CPU (spec.fallback) after waiting too long for a GPU.",
+            ["queue"],
+            registry=r,
+        )
         self.queue_admission_wait = Histogram(
             "gpujob_queue_admission_wait_seconds",
             "Seconds a job waited for its GpuQueue's admission (since it was created, or last preempted).",
@@ -455,10 +461,11 @@ class Metrics:
         starving alert see the first admission, or the lack of one."""
         self.queue_admissions.labels(queue)
         self.queue_preemptions.labels(queue)
+        self.queue_fallbacks.labels(queue)
         self.queue_admission_wait.labels(queue)
 
     def queue_gone(self, queue: str) -> None:
-        for family in (self.queue_admissions, self.queue_preemptions, self.queue_admission_wait):
+        for family in (self.queue_admissions, self.queue_preemptions, self.queue_fallbacks, self.queue_admission_wait):
             with contextlib.suppress(KeyError):
                 family.remove(queue)
 
@@ -468,6 +475,9 @@ class Metrics:
 
     def queue_preempted(self, queue: str) -> None:
         self.queue_preemptions.labels(queue).inc()
+
+    def queue_fallback(self, queue: str) -> None:
+        self.queue_fallbacks.labels(queue).inc()
 
     def register_queue_stats(self, fn: Callable[[], Mapping[str, QueueStats]] | None) -> None:
         """`fn` is called at every scrape (queue name -> QueueStats). None unregisters."""

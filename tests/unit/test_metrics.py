@@ -450,6 +450,7 @@ def exercised_metrics() -> Metrics:
     m.queue_seen("renders")
     m.queue_admitted("renders", 42.0)
     m.queue_preempted("renders")
+    m.queue_fallback("renders")
     m.register_queue_stats(lambda: {"renders": RENDERS})
     return m
 
@@ -491,6 +492,7 @@ def test_every_family_is_exported_once_exercised() -> None:
         "gpujob_queue_borrowed",
         "gpujob_queue_admissions_total",
         "gpujob_queue_preemptions_total",
+        "gpujob_queue_fallbacks_total",
         "gpujob_queue_admission_wait_seconds_bucket",
     ]:
         assert name in names, name
@@ -511,6 +513,7 @@ def test_queue_figures_per_queue_and_series_from_the_start() -> None:
     assert samples[("gpujob_queue_admissions_total", (("queue", "idle"),))] == 0
     assert samples[("gpujob_queue_admissions_total", (("queue", "renders"),))] == 1
     assert samples[("gpujob_queue_preemptions_total", (("queue", "renders"),))] == 1
+    assert samples[("gpujob_queue_fallbacks_total", (("queue", "idle"),))] == 0
     assert samples[("gpujob_queue_admission_wait_seconds_count", (("queue", "renders"),))] == 1
     assert samples[("gpujob_queue_pending_jobs", (("queue", "renders"),))] == 4
     assert samples[("gpujob_queue_oldest_pending_age_seconds", (("queue", "renders"),))] == 90
