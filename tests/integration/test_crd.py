@@ -388,6 +388,8 @@ INVALID_SPECS = {
     "claimName not a DNS label": _spec(models={"claimName": "My_Claim"}),
     "unknown spec field": _spec(gpu=1),
     "bad toleration effect": _spec(tolerations=[{"key": "k", "effect": "Never"}]),
+    "fallback without cpuAfterSeconds": _spec(fallback={"resources": {}}),
+    "zero fallback.cpuAfterSeconds": _spec(fallback={"cpuAfterSeconds": 0}),
 }
 
 

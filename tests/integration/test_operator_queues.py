@@ -459,3 +459,11 @@ def test_two_saturated_queues_with_weights_1_and_3_share_lent_quota_1_to_3(
         cluster.wait_phase(done, Phase.SUCCEEDED)
         cluster.wait_until(lambda: split(2, 6), what=f"the split to stay 2:6 after {done} finished")
     assert sum(1 for names in jobs.values() for n in names if cluster.status(n).get("phase") == Phase.SUCCEEDED) == 4
+
+
+@pytest.mark.backends("kubernetes")
+def test_the_api_server_refuses_gpus_in_the_fallback_resources(cluster: Cluster) -> None:
+    fallback = {"cpuAfterSeconds": 5, "resources": {"limits": {"nvidia.com/gpu": 1}}}
+    with pytest.raises(ApiException) as refused:
+        cluster.create_job("greedy", {"type": "train_lora", "gpus": 1, "fallback": fallback})
+    assert refused.value.status == 422 and "no extended resources" in str(refused.value.body)
