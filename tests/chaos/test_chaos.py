@@ -504,7 +504,33 @@ class RealFaults:
         self.chaos.took["drain"] += len(pods)
 
 
-def submit(r: redis.Redis, fields: dict[str, str]) -> None:
+def poison(i: int) -> list[dict[Any, Any]]:
+    """Malformed requests a backend (or anyone who can XADD) may send; each must be dead-lettered once, with a
+    reason, while the intake goes on (issue 12 item 1): bad JSON, missing fields, invalid specs, bytes that are
+    not UTF-8 (in a value and in a field name), JSON nested beyond the parser's recursion limit, params nested
+    past the depth limit or past 64 KiB, and an entry over the intake's 512 KiB read limit."""
+    deep: Any = "leaf"
+    for _ in range(300):
+        deep = {"d": deep}
+    return [
+        {"job": "{oops"},
+        {"nojob": "1"},
+        {"job": '{"jobId": "x"}'},
+        {"job": json.dumps({"jobId": f"bad-{i}", "type": "custom", "gpus": -3})},
+        {"job": b"\xff\xfe{not utf-8"},
+        {b"\xff\xfe": b"\xc3\x28"},
+        {"job": "[" * 5000},
+        {"job": json.dumps({"jobId": f"deep-{i}", "type": "custom", "command": ["true"], "params": deep})},
+        {
+            "job": json.dumps(
+                {"jobId": f"fat-{i}", "type": "custom", "command": ["true"], "params": {"x": "y" * 70_000}}
+            )
+        },
+        {"job": "z" * (600 * 1024)},
+    ]
+
+
+def submit(r: redis.Redis, fields: dict[Any, Any]) -> None:
     """XADD as a backend would, retrying while Redis restarts (a retried XADD may duplicate: the bridge dedupes)."""
     deadline = time.monotonic() + 60
     while True:
@@ -610,9 +636,7 @@ def run_chaos(tmp_path: Path, size: dict[str, int], seed: int, sandbox: Emulator
             real_at = dict(zip(rng.sample(range(len(plan)), len(kinds)), kinds, strict=True))
         for i, kind in enumerate(plan):
             if kind == "junk":
-                junk = [{"job": "{oops"}, {"nojob": "1"}, {"job": '{"jobId": "x"}'},
-                        {"job": json.dumps({"jobId": f"bad-{i}", "type": "custom", "gpus": -3})}]  # fmt: skip
-                submit(r, rng.choice(junk))
+                submit(r, rng.choice(poison(i)))
                 malformed += 1
             else:
                 fails = rng.random() < 0.2
@@ -737,9 +761,12 @@ def run_chaos(tmp_path: Path, size: dict[str, int], seed: int, sandbox: Emulator
         assert len(seen_running) >= 0.9 * len(succeeded), f"the monitor saw {len(seen_running)}/{len(succeeded)}"
         # 4. every malformed entry was dead-lettered once, and nothing else (counted from the stream itself:
         #    a backend's retried XADD of a junk entry is a second entry, and deserves a second dead letter)
-        entries = after.xrange("gpujobs:requests")
-        junk_ids = {i for i, f in entries if not f.get("job", "").startswith('{"jobId": "chaos-')}
-        dead = after.xrange("gpujobs:requests:dead")
+        raw = redis.Redis.from_url(redis_server.url, socket_timeout=REDIS_TIMEOUT)
+        entries = raw.xrange("gpujobs:requests")  # bytes: the poison is not all UTF-8
+        junk_ids = {i.decode() for i, f in entries if not f.get(b"job", b"").startswith(b'{"jobId": "chaos-')}
+        dead = [(i, {k.decode(errors="replace"): v.decode(errors="replace") for k, v in f.items()})
+                for i, f in raw.xrange("gpujobs:requests:dead")]  # fmt: skip
+        raw.close()
         sources = [f["sourceId"] for _, f in dead]
         assert len(sources) == len(set(sources)), "an entry was dead-lettered twice"
         assert set(sources) == junk_ids, [f["reason"] for _, f in dead if f["sourceId"] not in junk_ids][:5]
