@@ -194,7 +194,10 @@ def test_video_checkpoints_upload_only_the_new_segment(worker: Any, s3_client: M
 
     params = {"width": 64, "height": 64, "frames": 300}
     w = worker("render_video", params, "segments", GPUJOB_CHECKPOINT_EVERY_SECONDS="0.2")
-    wait_for_log(w, lambda r: r.get("event") == "checkpoint saved" and r.get("step", 0) > 1)
+    saved = wait_for_log(w, lambda r: r.get("event") == "checkpoint saved" and r.get("step", 0) > 1)
+    progress = wait_for_log(w, lambda r: r.get("event") == "progress")
+    for line in (saved, progress):  # each line of an attempt names it, also from the saver's and reporter's threads
+        assert (line["job_id"], line["attempt"]) == ("segments", 1), line
     w.proc.send_signal(signal.SIGTERM)
     assert w.wait(timeout=60).code == ExitCode.INTERRUPTED
     objects = list(s3_client.list_objects(s3_bucket, prefix="videos/segments/checkpoints/", recursive=True))

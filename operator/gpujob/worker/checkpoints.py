@@ -15,6 +15,7 @@ copy); `Saver` serializes and uploads it on a thread of its own while training g
 from __future__ import annotations
 
 import collections
+import contextvars
 import io
 import re
 import threading
@@ -192,7 +193,8 @@ class Saver:
             return Saved(step, self.checkpoints.save(step, state))
 
         with self._lock:
-            self._inflight = self._pool.submit(save)
+            # In the caller's context: the save's lines carry what the caller's carry (bind_job: job_id, attempt).
+            self._inflight = self._pool.submit(contextvars.copy_context().run, save)
 
     def wait(self) -> Saved | None:
         """Wait for the save in flight, if any; re-raise its error; return what it saved."""

@@ -8,6 +8,7 @@ blocks a training step, and publish failures are logged and dropped: progress is
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from typing import Any
 
@@ -49,7 +50,9 @@ class ProgressReporter:
         self._pending: tuple[float, str] | None = None
         self._high = 0.0  # percent never goes backwards, even across a resumed attempt's first report
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="gpujob-progress", daemon=True)
+        # The thread's lines carry what the starter's carry (bind_job: job_id, attempt).
+        run = contextvars.copy_context().run
+        self._thread = threading.Thread(target=run, args=(self._run,), name="gpujob-progress", daemon=True)
         self._thread.start()
 
     @classmethod

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from gpujob.api import Artifact, ExitCode
-from gpujob.logging import get_logger
+from gpujob.logging import bind_job, get_logger
 from gpujob.settings import Settings
 from gpujob.worker import devices as devices_mod
 from gpujob.worker.artifacts import store_from_settings
@@ -68,6 +68,14 @@ def out_of_memory(exc: BaseException) -> OutOfMemory:
 
 
 def run_job(settings: Settings, stop: threading.Event, env: WorkerEnv | None = None) -> AttemptOutcome:
+    """One attempt; every line it logs (ours, the libraries') carries its job_id and attempt."""
+    if not settings.job_id:
+        return _run_job(settings, stop, env)  # fails as bad input, with nothing to bind
+    with bind_job(settings.job_id, settings.attempt):
+        return _run_job(settings, stop, env)
+
+
+def _run_job(settings: Settings, stop: threading.Event, env: WorkerEnv | None) -> AttemptOutcome:
     env = env or WorkerEnv()
     ctx: TaskContext | None = None
     reporter: ProgressReporter | None = None
