@@ -197,7 +197,14 @@ class JobCredentials:
         cred = CredentialJob.from_body(job)
         if not (cred.namespace and cred.name and cred.uid):
             return
-        redis_gone = await self.redis.revoke(cred) if self.redis is not None else False
+        redis_gone = False
+        if self.redis is not None:
+            try:
+                redis_gone = await self.redis.revoke(cred)
+            except (RedisError, OSError) as exc:
+                # Redis is down (or restarting): its user stays until a sweep, which deletes the users of jobs
+                # that ended (and relays their streams); the Secret goes now all the same.
+                log.warning("Redis user not revoked yet: Redis unavailable, the sweep retries", error=str(exc))
         s3_gone = await asyncio.to_thread(self.s3.revoke, cred) if self.s3 is not None else False
         secret = await kube.delete_secret(cred.namespace, credentials_secret_name(cred.name, cred.uid))
         if redis_gone or s3_gone or secret is kube.Effect.DELETED:
