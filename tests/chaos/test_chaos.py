@@ -345,7 +345,7 @@ class Operator:
                                          env=self.env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
         self.starts += 1
         deadline = time.monotonic() + 60
-        while "operator started" not in self.log.read_text(errors="replace")[offset:]:
+        while not records(self.log.read_text(errors="replace")[offset:], "operator started"):
             assert self.proc.poll() is None, f"operator exited: {self.log.read_text()[-2000:]}"
             assert time.monotonic() < deadline, "operator did not start"
             time.sleep(0.05)

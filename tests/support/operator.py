@@ -26,8 +26,9 @@ from gpujob.api.naming import label_value
 from gpujob.sandbox.procs import free_port, wait_for
 from tests.support.bridge import with_valid_params
 from tests.support.kubernetes import ApiTarget
+from tests.support.logs import records
 
-READY_LINE = "operator started"
+READY_EVENT = "operator started"  # logged by the runtime once it serves
 PEN = {"gpujob.dev/test-pen": "no-node-has-this"}
 
 
@@ -55,7 +56,7 @@ class OperatorProcess:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(f"operator exited with {self.proc.returncode}:\n{self.logs()[-3000:]}")
-            return READY_LINE in self.log_path.read_text(errors="replace")[self._offset :]
+            return bool(records(self.log_path.read_text(errors="replace")[self._offset :], READY_EVENT))
 
         wait_for(ready, timeout, what="the operator to start")
 
