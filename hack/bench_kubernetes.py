@@ -343,10 +343,7 @@ async def main(args: argparse.Namespace) -> None:
             if operator is not None:
                 operator.stop()
             cp.stop()
-    width = max(len(r[0]) for r in rows)
-    print(f"\n{'measure (real control plane)':<{width}}  {'value':>20}  note")
-    for name, value, note in rows:
-        print(f"{name:<{width}}  {value:>20}  {note}")
+    benchrows.table("measure (real control plane)", rows)
 
 
 if __name__ == "__main__":

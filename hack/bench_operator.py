@@ -350,10 +350,7 @@ async def main(args: argparse.Namespace) -> None:
             if bench.operator is not None:
                 bench.operator.stop()
             bench.sandbox.stop()
-        width = max(len(r[0]) for r in rows)
-        print(f"\n{'measure':<{width}}  {'value':>18}  note")
-        for name, value, note in rows:
-            print(f"{name:<{width}}  {value:>18}  {note}")
+        benchrows.table("measure", rows, 18)
 
 
 if __name__ == "__main__":

@@ -144,10 +144,7 @@ async def main(args: argparse.Namespace) -> None:
     benchrows.row(f"podwatch: operator CPU s, {args.pods:,} unrelated Pods", shipped_cpu, "s", "target ≈ 0")
     benchrows.row("podwatch: same, client-side filter only", before_cpu, "s", "before")
     benchrows.row("podwatch: operator RSS growth", figures["server-side selector: RSS growth MB"], "MB", "target ≈ 0")
-    width = max(len(r[0]) for r in rows)
-    print(f"\n{'measure (real control plane, side by side)':<{width}}  {'value':>20}  note")
-    for name, value, note in rows:
-        print(f"{name:<{width}}  {value:>20}  {note}")
+    benchrows.table("measure (real control plane, side by side)", rows)
 
 
 if __name__ == "__main__":

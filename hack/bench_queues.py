@@ -210,10 +210,7 @@ def main(args: argparse.Namespace) -> None:
         benchrows.row(f"burst {args.burst}, no queue", without, "jobs/s")
         benchrows.row(f"burst {args.burst}, GpuQueue", with_queue, "jobs/s", f"{ratio:.2f}x, target ≥ 0.8")
 
-    width = max(len(r[0]) for r in rows)
-    print(f"\n{'measure':<{width}}  {'value':>24}  note")
-    for name, value, note in rows:
-        print(f"{name:<{width}}  {value:>24}  {note}")
+    benchrows.table("measure", rows, 24)
 
 
 if __name__ == "__main__":

@@ -21,3 +21,11 @@ def parse(line: str) -> dict[str, object] | None:
         return None
     data: dict[str, object] = json.loads(line[len(PREFIX) :])
     return data
+
+
+def table(title: str, rows: Sequence[tuple[str, str, str]], value_width: int = 20) -> None:
+    """Print a benchmark's own detailed table: measure, value, note."""
+    width = max([len(title)] + [len(r[0]) for r in rows])
+    print(f"\n{title:<{width}}  {'value':>{value_width}}  note")
+    for name, value, note in rows:
+        print(f"{name:<{width}}  {value:>{value_width}}  {note}")
