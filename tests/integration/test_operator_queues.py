@@ -467,3 +467,37 @@ def test_the_api_server_refuses_gpus_in_the_fallback_resources(cluster: Cluster)
     with pytest.raises(ApiException) as refused:
         cluster.create_job("greedy", {"type": "train_lora", "gpus": 1, "fallback": fallback})
     assert refused.value.status == 422 and "no extended resources" in str(refused.value.body)
+
+
+def test_a_gpu_pod_unschedulable_for_cpu_after_seconds_is_replaced_by_a_cpu_attempt(
+    operator: OperatorProcess, cluster: Cluster
+) -> None:
+    """spec.fallback without a queue: the attempt's Pod stays Unschedulable (the scheduler's condition, written here
+    as kube-scheduler does) for cpuAfterSeconds; the Pod goes and attempt 2 runs on CPU, not counted as a failure."""
+    fallback = {"cpuAfterSeconds": 2, "resources": {"requests": {"cpu": "1"}}}
+    spec = {"type": "train_voice", "gpus": 8, "fallback": fallback, "retries": {"limit": 0}}
+    cluster.create_job("big", spec)
+    gpu_pod = cluster.wait_pod("big", 1)
+    assert gpu_pod.spec.containers[0].resources.limits == {"nvidia.com/gpu": "8"}
+    unschedulable = {
+        "type": "PodScheduled",
+        "status": "False",
+        "reason": "Unschedulable",
+        "message": "0/2 nodes are available: 2 Insufficient nvidia.com/gpu.",
+    }
+    cluster.core.patch_namespaced_pod_status(
+        gpu_pod.metadata.name, cluster.namespace, {"status": {"phase": "Pending", "conditions": [unschedulable]}}
+    )
+    cpu_pod = cluster.wait_pod("big", 2)
+    [container] = cpu_pod.spec.containers
+    assert container.resources.requests == {"cpu": "1"} and not container.resources.limits
+    status = cluster.wait_until(
+        lambda: (s := cluster.status("big")).get("attempts") == 2 and s.get("fallback") and s,
+        what="the CPU attempt in the status",
+    )
+    assert status["fallback"]["reason"] == Reason.UNSCHEDULABLE and status["fallback"]["attempt"] == 2
+    assert status.get("failures", 0) == 0 and _condition(status, "Fallback") == ("True", "CpuFallback")
+    cluster.wait_until(
+        lambda: [p.metadata.name for p in cluster.pods("big")] == [cpu_pod.metadata.name],
+        what="the GPU attempt's Pod to be gone",
+    )
