@@ -101,6 +101,8 @@ class JobCredentials:
     s3: s3_iam.S3JobCredentials | None
     namespaces: list[str] | None = None  # None: every namespace is this operator's
     clock: Callable[[], float] = time.time
+    # HA: while this replica is paused (gpujob.operator.pause) it neither relays nor sweeps: it writes nothing.
+    paused: Callable[[], bool] = field(default=lambda: False)
     _relays: set[str] = field(default_factory=set)
 
     @classmethod
@@ -298,6 +300,9 @@ class JobCredentials:
         next_sweep = 0.0
         loop = asyncio.get_running_loop()
         while not stopping.is_set():
+            if self.paused():
+                await asyncio.sleep(RELAY_INTERVAL_SECONDS)
+                continue
             await self.relay_pending()
             if loop.time() >= next_sweep:
                 try:

@@ -192,6 +192,8 @@ class Runtime:
         self.credentials = await JobCredentials.setup(self.settings, self.redis, self.namespaces)
         if self.credentials is None:
             return
+        if self.pause is not None:
+            self.credentials.paused = self.pause.active
         self.reconciler.defaults = replace(self.reconciler.defaults, worker_secret=None)
         self.reconciler.issue_credentials = self.credentials.issue
         self.reconciler.sinks.append(self.credentials.sink)
