@@ -222,12 +222,28 @@ async def _write(call: Awaitable[Any], done: Effect, already: Effect, *already_c
     """Await a write: `done`, or `already` when the API server answers one of `already_codes` (409 on a create:
     it exists; 404 on a patch or delete: it is gone)."""
     try:
-        await call
+        answer = await call
+        if isinstance(answer, aiohttp.ClientResponse):
+            await _raise_for_status(answer)
     except ApiException as exc:
         if exc.status in already_codes:
             return already
         raise
     return done
+
+
+async def _raise_for_status(resp: aiohttp.ClientResponse) -> None:
+    """A raw (`_preload_content=False`) answer's error as the ApiException the client raises only when it reads the
+    body itself: unchecked, a 500 or 429 on a create read as "created" (a job's credentials Secret never made, its
+    Pod waiting for it for ever) and a 409 as "created" too. The connection goes back to the pool either way."""
+    try:
+        if resp.status >= 400:
+            exc = ApiException(status=resp.status, reason=resp.reason)
+            exc.body = await resp.read()
+            exc.headers = resp.headers
+            raise exc
+    finally:
+        resp.release()
 
 
 async def create_pod(namespace: str, body: dict[str, Any]) -> tuple[Effect, dict[str, Any] | None]:

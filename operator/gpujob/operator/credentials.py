@@ -208,7 +208,13 @@ class JobCredentials:
                 # that ended (and relays their streams); the Secret goes now all the same.
                 log.warning("Redis user not revoked yet: Redis unavailable, the sweep retries", error=str(exc))
         s3_gone = await asyncio.to_thread(self.s3.revoke, cred) if self.s3 is not None else False
-        secret = await kube.delete_secret(cred.namespace, credentials_secret_name(cred.name, cred.uid))
+        try:
+            secret = await kube.delete_secret(cred.namespace, credentials_secret_name(cred.name, cred.uid))
+        except Exception as exc:
+            # The API server refused or is down: what the Secret holds is revoked (or left to the sweep, which
+            # deletes the Secret too); else GC takes it with the GpuJob. Never an after-write hook traceback.
+            log.warning("credentials Secret not deleted", error=kube.message_of(exc))
+            secret = kube.Effect.ABSENT
         if redis_gone or s3_gone or secret is kube.Effect.DELETED:
             log.info("credentials revoked", redis=redis_gone, s3=s3_gone, secret=secret.value)
 
