@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+from gpujob.kube import ApiException
 from gpujob.operator.builders import PodDefaults
 from gpujob.operator.cache import JobKey, Store
 from gpujob.operator.reconciler import MAX_ERROR_DELAY, Reconciler
@@ -61,3 +62,26 @@ async def test_each_retry_is_logged_as_a_record_naming_the_job(json_logs: JsonLo
     assert all(r["job"] == "default/stuck" and r["job_id"] == "stuck" and r["level"] == "warning" for r in retries)
     assert retries[0]["error"] == "RuntimeError('API down (call 1)')"
     assert "traceback" in retries[0]["exception"].lower()  # not a transient API answer: the traceback is kept
+
+
+class Forbidden(Reconciler):
+    """The API server refuses once: RBAC not ready yet after a kube-apiserver restart (seen under chaos)."""
+
+    calls = 0
+
+    async def _reconcile(self, key: JobKey) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            exc = ApiException(status=403, reason="Forbidden")
+            exc.body = b'{"message": "pods is forbidden: User \\"system:serviceaccount:x:y\\" cannot create"}'
+            raise exc
+
+
+async def test_an_api_answer_is_logged_without_a_traceback(json_logs: JsonLogs) -> None:
+    """An API server's refusal is all in the record's error: no traceback (the chaos suite fails on any)."""
+    reconciler = Forbidden(Store(), PodDefaults("img", ("gpujob", "worker")))
+    reconciler.trigger_soon = lambda key, delay: None  # type: ignore[method-assign]
+    await reconciler.trigger(KEY)
+    [retry] = json_logs.records("reconcile failed, retrying")
+    assert retry["error"].startswith("API 403 Forbidden: pods is forbidden")
+    assert "exception" not in retry

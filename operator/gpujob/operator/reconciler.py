@@ -167,7 +167,9 @@ class Reconciler:
             error=_short(exc),
             retry=count,
             retry_in=delay,
-            exc_info=not kube.transient(exc) and not conflict,
+            # A traceback for our own errors only: an API answer (a 403 while a restarted API server's RBAC
+            # catches up, say) is all in `error`.
+            exc_info=not isinstance(exc, ApiException) and not kube.transient(exc),
         )
         self.trigger_soon(key, delay)
 
