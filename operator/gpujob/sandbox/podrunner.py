@@ -190,6 +190,10 @@ class PodRunner:
             except ConfigError as exc:
                 status = self._pending_status("CreateContainerConfigError", str(exc))
                 await self._write(status)
+            except (ApiError, OSError, TimeoutError, aiohttp.ClientError) as exc:
+                # The API server is down or answering errors (a restart): try again, as a kubelet does; the Pod
+                # keeps its status. (Raised, it ended this Pod's life on the node: Pending for ever.)
+                log.info("sandbox kubelet: pod %s/%s not configured yet: %r", self.namespace, self.name, exc)
             deadline = self._deadline()
             wait = CONFIG_RETRY_SECONDS if deadline is None else min(CONFIG_RETRY_SECONDS, deadline - time.monotonic())
             with contextlib.suppress(TimeoutError):
