@@ -11,6 +11,7 @@ import pytest
 from kubernetes import client
 
 from gpujob.sandbox.procs import wait_for
+from tests.support.emulator import RunningEmulator
 from tests.support.sandbox import KubeletThread
 
 NS = "default"
@@ -204,6 +205,25 @@ def test_missing_required_secret_is_a_config_error(
     assert status(core, "noconf").phase == "Pending"
     core.create_namespaced_secret(NS, {"metadata": {"name": "nowhere"}, "data": {}})
     wait_phase(core, "noconf", "Succeeded", timeout=15)
+
+
+def test_api_errors_while_configuring_are_retried_not_the_end_of_the_pod(
+    kubelet_factory: Callable[..., KubeletThread], core: client.CoreV1Api, emulator: RunningEmulator
+) -> None:
+    """A Pod waiting for its Secret volume while the API server fails the kubelet's reads (a kube-apiserver restart,
+    seen under chaos) starts once the Secret is there: the errors are retried, as a kubelet does."""
+    kubelet_factory()
+    volumes = [{"name": "creds", "secret": {"secretName": "later"}}]
+    container = {"volumeMounts": [{"name": "creds", "mountPath": "/creds"}]}
+    core.create_namespaced_pod(NS, pod("flaky", "exit 0", container=container, volumes=volumes))
+    wait_for(lambda: (status(core, "flaky").container_statuses or [None])[0], what="the Pod waits for its Secret")
+    # Every Secret read of the kubelet (aiohttp's User-Agent: Python/...) fails, and is seen failing.
+    emulator.set_faults(error_500_rate=1.0, resources=["secrets"], agents=["Python"])
+    injected = lambda: emulator.call(lambda: emulator.emulator.faults.injected["500"])  # noqa: E731
+    wait_for(lambda: injected() >= 2, what="the kubelet's Secret reads failing")
+    emulator.set_faults(error_500_rate=0.0)
+    core.create_namespaced_secret(NS, {"metadata": {"name": "later"}, "data": {"K": "dg=="}})
+    wait_phase(core, "flaky", "Succeeded", timeout=15)
 
 
 def test_termination_message_is_copied(kubelet_factory: Callable[..., KubeletThread], core: client.CoreV1Api) -> None:
