@@ -5,7 +5,7 @@ the checkpoint's step, not step 0. The preemption is on the job's event channel 
 
 Pods really run: on the emulator a sandbox kubelet (its own thread, 2 GPUs) binds and runs them; on the real
 control plane the session's node agents do, after kube-scheduler binds them (no test pen here). Worker Pods get
-their Redis and S3 settings from the `gpujob-worker` Secret in the test's namespace (envFrom), as in a cluster.
+their Redis and S3 credentials per attempt (per-job credentials, on by default with the operator's keys).
 """
 
 from __future__ import annotations
@@ -66,7 +66,10 @@ def worker_nodes(api: ApiTarget, tmp_path: Path) -> Iterator[Path]:
 def worker_operator(
     operator_factory: Any, cluster: Cluster, redis_url: str, s3_env: dict[str, str], s3_client: Minio
 ) -> OperatorProcess:
-    """The operator with job Pods running the local `gpujob worker`, and the workers' Secret in the namespace."""
+    """The operator with job Pods running the local `gpujob worker`. With the operator's Redis and S3 admin keys,
+    per-job credentials are on (GPUJOB_CREDENTIALS_MODE=auto): each attempt gets a Redis user and S3 keys of its own,
+    so the preempted job's second attempt runs with credentials issued again. The shared `gpujob-worker` Secret is
+    what workers would get were they off."""
     cluster.wait_until(
         lambda: _bucket_made(s3_client, s3_env["GPUJOB_S3_BUCKET"]), what="the S3 server to take our keys"
     )
@@ -80,7 +83,6 @@ def worker_operator(
     }
     cluster.core.create_namespaced_secret(cluster.namespace, secret)
     env = {"GPUJOB_REDIS_URL": redis_url, "GPUJOB_WORKER_COMMAND": json.dumps([GPUJOB, "worker"]), **s3_env}
-    env["GPUJOB_CREDENTIALS_MODE"] = "off"  # the shared Secret above (per-job credentials: test_job_credentials.py)
     op: OperatorProcess = operator_factory(env)
     return op
 
@@ -202,6 +204,8 @@ def test_a_preempted_train_lora_job_resumes_from_its_checkpoint_step(
         assert done["attempts"] == 2 and done["preemptions"] == 1 and done.get("failures", 0) == 0
         assert done["metrics"]["resumedFromStep"] == step, done["metrics"]
         assert done["metrics"]["steps"] == TOTAL_STEPS
+        [second] = [p for p in cluster.pods("low") if p.metadata.labels["gpujob.dev/attempt"] == "2"]
+        assert [v.secret.secret_name for v in second.spec.volumes if v.secret], "per-job credentials, issued again"
         # Attempt 2's first training report on the channel is past the checkpoint's step (the reporter publishes
         # the latest value: a step after the checkpoint's, never one counted from step 0).
         first = channel.find(lambda e: e.get("attempt") == 2 and str(e.get("message", "")).startswith("Epoch "))
