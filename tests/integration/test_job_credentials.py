@@ -196,6 +196,28 @@ def test_a_job_pod_gets_its_own_credentials_as_files_and_they_die_with_the_job(
     job.close()
 
 
+def test_each_attempt_gets_new_credentials_and_the_previous_attempts_stop_working(
+    with_credentials: Callable[[], OperatorProcess], cluster: Cluster, s3_server: S3Server, s3_bucket: str
+) -> None:
+    with_credentials()
+    cluster.create_job("retried", job_spec(retries={"limit": 1, "backoffSeconds": 0}))
+    cluster.wait_pod("retried", 1)
+    first = cluster.wait_until(lambda: secret_data(cluster, "retried"), what="attempt 1's Secret")
+    cluster.run_pod("retried", 1, exit_code=1)
+    cluster.wait_pod("retried", 2)
+    second = cluster.wait_until(
+        lambda: (d := secret_data(cluster, "retried")) and d != first and d, what="attempt 2's Secret"
+    )
+    assert second["GPUJOB_S3_ACCESS_KEY"] != first["GPUJOB_S3_ACCESS_KEY"]
+    job_minio(s3_server, second).put_object(s3_bucket, "loras/retried/a.bin", io.BytesIO(b"x"), 1)
+    refused_by_s3(
+        lambda: job_minio(s3_server, first).put_object(s3_bucket, "loras/retried/b.bin", io.BytesIO(b"x"), 1),
+        "InvalidAccessKeyId",
+    )
+    refused_by_redis(lambda: redis.Redis.from_url(first["GPUJOB_REDIS_URL"]).ping())
+    assert redis.Redis.from_url(second["GPUJOB_REDIS_URL"]).ping()
+
+
 def test_custom_images_get_credentials_only_when_they_ask(
     with_credentials: Callable[[], OperatorProcess], cluster: Cluster
 ) -> None:
