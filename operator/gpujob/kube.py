@@ -235,11 +235,12 @@ async def _write(call: Awaitable[Any], done: Effect, already: Effect, *already_c
 async def _raise_for_status(resp: aiohttp.ClientResponse) -> None:
     """A raw (`_preload_content=False`) answer's error as the ApiException the client raises only when it reads the
     body itself: unchecked, a 500 or 429 on a create read as "created" (a job's credentials Secret never made, its
-    Pod waiting for it for ever) and a 409 as "created" too. The connection goes back to the pool either way."""
+    Pod waiting for it for ever) and a 409 as "created" too. Read to the end, so the connection is reused."""
     try:
+        body = await resp.read()
         if resp.status >= 400:
             exc = ApiException(status=resp.status, reason=resp.reason)
-            exc.body = await resp.read()
+            exc.body = body
             exc.headers = resp.headers
             raise exc
     finally:
