@@ -106,6 +106,7 @@ class Bench:
                 "--no-kubelet",
                 "--no-redis",
                 "--no-s3",
+                "--no-operator",  # the bench starts and measures its own (two would race for every job)
                 "--state-dir",
                 str(workdir / "state"),
             ],
