@@ -57,7 +57,10 @@ SIZES = {
 # On the real control plane, each of these `real_faults` times (at random points of the plan).
 REAL_FAULTS = ("kube-apiserver", "etcd", "node-kill", "drain")
 LONG_JOBS = 4  # submitted before a node kill or drain, so that the node has running jobs to lose
-LONG_SLEEP = 8  # seconds a long job runs (each attempt)
+# Seconds a long job runs (each attempt): long enough that the eviction of a drain (seconds after the Pods were
+# seen running) always finds them still running; with 8 s a Pod could finish first (seen: SIGTERM 7.8 s into it)
+# and its job rightly succeed on attempt 1, which the victims check read as a lost Pod not started again.
+LONG_SLEEP = 30
 NODE_TIMEOUT = 150.0  # a lost node: NotReady after 15 s, eviction 10 s later, then new attempts elsewhere
 SEED_ENV = "CHAOS_SEED"
 RETRIES_IN_A_ROW = 8  # see invariant 5
