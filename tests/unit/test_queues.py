@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+from gpujob.api.models import GpuJobSpec
 from gpujob.operator.admission import plan
 from gpujob.operator.cache import Store
 from gpujob.operator.queues import QueueManager, queue_of, queue_status, workload_of
@@ -210,3 +211,47 @@ def test_a_new_queued_job_is_not_written_before_its_queues_first_plan() -> None:
     assert not _first_plan_pending(job("a", {"queue": "a"}, {"admission": {"queue": "a"}}), spec, QueueGate())
     cancelled = GpuJobSpec.model_validate({"type": "custom", "queue": "a", "cancel": True})
     assert not _first_plan_pending(new, cancelled, QueueGate())
+
+
+def test_a_plan_s_admissions_are_promised_to_the_reconciler_and_counted_until_their_statuses_say_so(
+    monkeypatch: Any,
+) -> None:
+    """The manager writes no admission: the job's gate carries it, and the reconciler writes it with the attempt
+    (one write per job fewer). Until the job's status holds it, later plans count it as admitted: never more
+    than the quota, whatever the plans see meanwhile."""
+    import asyncio
+
+    from gpujob import kube
+
+    written: list[Any] = []
+
+    async def record(*args: Any) -> None:
+        written.append(args)
+
+    monkeypatch.setattr(kube, "patch_gpuqueue_status", record)
+    monkeypatch.setattr(kube, "patch_gpujob_status", record)
+    store = Store()
+    changed: list[Any] = []
+    mgr = QueueManager(store, on_change=changed.append)
+    mgr.queue_event("ADDED", queue("a"))  # 2 GPUs
+    for i in range(3):
+        store.put_job(job(f"w{i}", {"queue": "a", "gpus": 1}, resourceVersion=str(i + 1)))
+    asyncio.run(mgr.plan_once())
+    admitted = {key[1]: gate.admission for key, gate in mgr._gates.items() if gate.admission is not None}
+    assert sorted(admitted) == ["w0", "w1"] and set(changed) == {("ml", "w0"), ("ml", "w1"), ("ml", "w2")}
+    assert admitted["w0"] is not None and admitted["w0"].queue == "a"
+    assert admitted["w0"].resources == {"nvidia.com/gpu": "1"}
+    assert mgr._gates[("ml", "w2")].reason == "QuotaExceeded" and mgr._gates[("ml", "w2")].position == 1
+    assert [w for w in written if w[0] != "a"] == [], "no job status written by the manager"
+    changed.clear()
+
+    asyncio.run(mgr.plan_once())  # the statuses do not say so yet: still counted, nothing new admitted
+    assert changed == [] and mgr.gate(("ml", "w2"), GpuJobSpec.model_validate({"type": "custom", "queue": "a"}))
+    store.put_job(job("w0", {"queue": "a", "gpus": 1}, {"admission": {"queue": "a", "admittedAt": T0}},
+                      resourceVersion="10"))  # fmt: skip
+    asyncio.run(mgr.plan_once())
+    assert ("ml", "w0") not in mgr._promised and ("ml", "w1") in mgr._promised
+    assert mgr._gates[("ml", "w2")].reason == "QuotaExceeded"
+    store.drop_job(("ml", "w1"))  # gone before its status was written: its promise goes, w2 is admitted
+    asyncio.run(mgr.plan_once())
+    assert list(mgr._promised) == [("ml", "w2")] and mgr._gates[("ml", "w2")].admission is not None

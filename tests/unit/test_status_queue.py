@@ -148,3 +148,38 @@ def test_queue_events_follow_the_admitted_condition_not_each_position() -> None:
     body["status"]["preempting"] = {"by": "ml/urgent", "since": iso(T0)}
     assert [r for r, _ in events(body, [pod(1, "Running", node_name="n")], FULL)] == [EventReason.PREEMPTED]
     assert events(body, [], FULL) == []  # stopped: the same condition, no new Event
+
+
+def _admitting() -> QueueGate:
+    from gpujob.api.models import Admission
+
+    return QueueGate(admission=Admission.model_validate(ADMISSION))
+
+
+def test_a_plan_s_admission_is_written_by_the_pass_that_starts_the_attempt_before_its_pod() -> None:
+    """The queue manager writes nothing for an admission: the gate carries it, and the pass that starts the
+    attempt writes it with the attempt (one write), the Pod after it (Decision.admits)."""
+    body = job({"queue": "team-a"})
+    step(body, [], FULL)
+    d = step(body, [], _admitting())
+    assert d.admits and d.create_attempt == 1 and d.status.phase is Phase.SCHEDULED
+    assert body["status"]["admission"] == ADMISSION
+    assert cond(d, ConditionType.ADMITTED) == ("True", Reason.ADMITTED)
+    # An admission already in the status is the job's own: a later pass does not write it again.
+    assert not decide(body, [], T0, gate=_admitting()).admits
+
+
+def test_an_admitted_attempt_whose_pod_was_never_made_gets_that_pod_not_a_new_attempt() -> None:
+    """The operator stopped between the status write (admission, attempt 1, podName) and the Pod's create: the
+    next pass creates attempt 1's Pod; nothing is counted, no deletion is assumed."""
+    body = job({"queue": "team-a"})
+    step(body, [], _admitting())
+    body["status"]["podName"] = "j-1"  # as the reconciler writes it with the admission
+    d = step(body, [], _admitting(), T0 + timedelta(seconds=30))
+    assert d.create_attempt == 1 and not d.admits and d.transitions == []
+    assert d.status.attempts == 1 and d.status.failures == 0 and d.status.phase is Phase.SCHEDULED
+    # Once the Pod was seen bound, its disappearance is a deletion from outside: a new attempt.
+    bound = step(body, [pod(1, node_name="n1")], None)
+    assert bound.create_attempt is None
+    d = step(body, [], None, T0 + timedelta(seconds=60))
+    assert d.create_attempt == 2 and d.status.reason == Reason.POD_DELETED

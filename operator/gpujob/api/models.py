@@ -260,8 +260,8 @@ class Artifact(WireModel):
 
 
 class Admission(WireModel):
-    """The queue's admission of the job: written (by the queue manager) before the job's Pod is created, so the
-    queues' usage can be rebuilt from the statuses alone."""
+    """The queue's admission of the job: written (with the attempt, by the reconciler) before the job's Pod is
+    created, so the queues' usage can be rebuilt from the statuses alone."""
 
     queue: str = Field(max_length=63, pattern=DNS_LABEL_PATTERN)
     admitted_at: str

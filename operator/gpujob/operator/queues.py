@@ -2,12 +2,13 @@
 
 It holds the GpuQueues (kopf's watch, and a list at start-up so that no job is decided on before the queues are
 known), builds the workloads from the runtime's job cache, runs the pure `admission.plan()` whenever something
-relevant changed (at most every `interval` seconds), writes each admission into the job's status (guarded by its
-resourceVersion: a job changed since is planned again, never admitted from a stale view) and asks the
-reconciler to look at the job, which then creates its Pod. Waiting jobs get their reason and position through
-`gate()`, which the reconciler hands to the pure `decide()`. Admission state lives only in the statuses, so a
-restarted operator rebuilds the usage from them and never over-admits. With no GpuQueue at all there is no gate:
-every job is admitted at once, as before queues.
+relevant changed (at most every `interval` seconds) and asks the reconciler to look at each job whose word
+changed. Admitted jobs get their admission through `gate()`, which the reconciler hands to the pure `decide()`:
+the pass that starts the attempt writes the admission with it (one status write, guarded by the resourceVersion)
+before it creates the Pod; until the job's status holds it, the plans count it as admitted. Waiting jobs get
+their reason and position the same way. Durable admission state lives only in the statuses (no Pod exists
+before its admission is stored), so a restarted operator rebuilds the usage from them and never over-admits.
+With no GpuQueue at all there is no gate: every job is admitted at once, as before queues.
 
 While a job waits, the manager also publishes its queue and position on the job's event channel (rate-limited,
 with an estimated start once the queue's recent durations allow one: `positions`), and keeps each queue's
@@ -17,9 +18,10 @@ figures for the metrics (pending, usage vs quota, borrowed, admissions and their
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -30,7 +32,7 @@ from pydantic import ValidationError
 from gpujob import kube
 from gpujob.api.constants import ConditionType, Phase
 from gpujob.api.events import ProgressEvent
-from gpujob.api.models import GpuJobSpec
+from gpujob.api.models import Admission, GpuJobSpec
 from gpujob.api.naming import job_id_of
 from gpujob.api.quantity import parse_quantity
 from gpujob.api.queues import GpuQueueSpec, WithinQueue
@@ -155,21 +157,6 @@ def _amounts(resources: dict[str, Decimal]) -> dict[str, str]:
     return {r: f"{amount.normalize():f}" for r, amount in sorted(resources.items())}
 
 
-async def _bounded(writes: list[Coroutine[Any, Any, None]], limit: int) -> None:
-    """Run the writes, at most `limit` at a time; the first error is raised once all have ended (the next plan
-    redoes what did not happen)."""
-    gate = asyncio.Semaphore(max(1, limit))
-
-    async def one(write: Coroutine[Any, Any, None]) -> None:
-        async with gate:
-            await write
-
-    results = await asyncio.gather(*(one(w) for w in writes), return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-
-
 def _key(workload_key: str) -> JobKey:
     namespace, _, name = workload_key.partition("/")
     return (namespace, name)
@@ -181,7 +168,6 @@ class QueueManager:
     # Asks the reconciler to look at a job (admitted, or its wait changed).
     on_change: Callable[[JobKey], None]
     interval: float = 0.5  # at most one plan per interval
-    write_concurrency: int = 16  # admissions of one plan written at once
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     queues: dict[str, Queue] = field(default_factory=dict)
     _gates: dict[JobKey, QueueGate] = field(default_factory=dict)
@@ -191,6 +177,10 @@ class QueueManager:
     _memo: dict[JobKey, tuple[tuple[str, str], Workload | None]] = field(default_factory=dict)
     # Admitted jobs listed at start-up that kopf has not delivered yet (counted until it has, or they are gone).
     _baseline: dict[JobKey, Workload] = field(default_factory=dict)
+    # Jobs a plan admitted whose status does not say so yet (the reconciler writes the admission with the attempt,
+    # before the Pod): counted as admitted until it does, or the job leaves its queue. Lost on a restart, which is
+    # safe: no Pod exists before its admission is stored. Each with its gate and the seconds it waited.
+    _promised: dict[JobKey, tuple[Workload, QueueGate, float]] = field(default_factory=dict)
     # --- what the backend and Prometheus see (docs/queues.md, "The backend sees the queue")
     exact_positions: int = DEFAULT_EXACT  # exact positions for the first K; an upper bound behind (positions)
     event_interval: float = 2.0  # at most one position event per job per interval
@@ -299,12 +289,12 @@ class QueueManager:
         workloads = self._workloads()
         result = plan(self.queues, workloads)
         by_key = {w.key: w for w in workloads}
-        # Admissions are written concurrently (each guarded by its job's resourceVersion, so their order does
-        # not matter): a burst of jobs into a queue with room waits one plan, not one write after another.
-        await _bounded([self._admit(by_key[admitted]) for admitted in result.admit], self.write_concurrency)
+        for admitted in result.admit:
+            self._promise(by_key[admitted])
         for victim, head in sorted(result.preempt.items()):
             await self._preempt(by_key[victim], head)
         gates = {_key(k): self._gate(wait, by_key[k]) for k, wait in result.waiting.items()}
+        gates |= {key: gate for key, (_, gate, _) in self._promised.items()}
         for key in set(gates) | set(self._gates):
             if gates.get(key) != self._gates.get(key):
                 self.on_change(key)
@@ -329,22 +319,35 @@ class QueueManager:
             memo[key] = (stamp, held[1] if held is not None and fresh else workload_of(key, job))
         self._memo = memo
         self._baseline = {key: w for key, w in self._baseline.items() if key not in self.store.jobs}
-        return [w for _, w in memo.values() if w is not None] + list(self._baseline.values())
+        current = {key: w for key, (_, w) in memo.items() if w is not None}
+        for key, (promised, gate, waited) in list(self._promised.items()):
+            stored = current.get(key)
+            if stored is not None and not stored.admitted:
+                current[key] = promised  # admitted by a plan, its status not written yet
+                continue
+            del self._promised[key]  # stored (counted from its status now), or out of the queue
+            job = self.store.job(key) or {}
+            admission = (job.get("status") or {}).get("admission") or {}
+            if gate.admission is not None and admission.get("admittedAt") == gate.admission.admitted_at:
+                self._admitted(promised, waited)  # written (the job may have finished since)
+        return list(current.values()) + list(self._baseline.values())
 
-    async def _admit(self, w: Workload) -> None:
-        """Write the admission (before any Pod exists), file the stored job, and have it reconciled."""
-        admission = {
-            "queue": w.queue,
-            "admittedAt": iso(self.clock()),
-            "resources": _amounts(dict(w.request)),
-        }
+    def _promise(self, w: Workload) -> None:
+        """Admit `w`: its gate carries the admission, which the reconciler writes into the status with the
+        attempt (one write), before the Pod is created; the plans count it as admitted meanwhile."""
+        now = self.clock()
+        admission = Admission(queue=w.queue, admitted_at=iso(now), resources=_amounts(dict(w.request)))
         job = self.store.job(_key(w.key))
         since = waiting_since(job) if job is not None else None
-        if await self._write(_key(w.key), {"admission": admission}):
-            log.info("job admitted", job=w.key, queue=w.queue, resources=admission["resources"])
-            if self.metrics is not None:
-                waited = (self.clock() - since).total_seconds() if since is not None else 0.0
-                self.metrics.queue_admitted(w.queue, waited)
+        waited = (now - since).total_seconds() if since is not None else 0.0
+        admitted = dataclasses.replace(w, admitted_at=now, preemptible=False)  # no Pod to evict yet
+        self._promised[_key(w.key)] = (admitted, QueueGate(admission=admission), waited)
+
+    def _admitted(self, w: Workload, waited: float) -> None:
+        """A promised admission is in the job's status: logged and counted."""
+        log.info("job admitted", job=w.key, queue=w.queue, resources=_amounts(dict(w.request)))
+        if self.metrics is not None:
+            self.metrics.queue_admitted(w.queue, waited)
 
     async def _preempt(self, w: Workload, head: str) -> None:
         """Mark an admitted job for eviction: the reconciler stops its Pod gracefully, then hands the admission

@@ -215,6 +215,14 @@ class Reconciler:
         if decision.create_attempt is not None and spec is not None:
             on_cpu = decision.status.fallback is not None  # spec.fallback: this attempt runs on CPU
             pod_body = build_pod(ref, spec, decision.create_attempt, self.defaults, secret, cpu=on_cpu)
+            if decision.admits:
+                # The queue's admission is durable before the Pod exists (a restarted operator counts only what
+                # the statuses say): one write holds it and the attempt, podName included; a Pod not made after
+                # it is made by the next pass (status.decide: the admitted attempt's Pod is pending).
+                decision.status.pod_name = pod_body["metadata"]["name"]
+                if not await self._write_status(key, job, decision):
+                    return
+                job = self.store.job(key) or job
             try:
                 _, created = await kube.create_pod(key[0], pod_body)
             except ApiException as exc:
@@ -249,10 +257,11 @@ class Reconciler:
             log.info("job gone, dropped from the cache")
             self.on_gone(held)
 
-    async def _write_status(self, key: JobKey, job: dict[str, Any], decision: Decision) -> None:
+    async def _write_status(self, key: JobKey, job: dict[str, Any], decision: Decision) -> bool:
+        """Write the decided status (nothing when unchanged); False when the job is gone."""
         patch = status_patch(job.get("status") or {}, decision.status)
         if not patch:
-            return
+            return True
         resource_version = job["metadata"].get("resourceVersion")
         try:
             stored = await kube.patch_gpujob_status(*key, patch, resource_version)
@@ -272,7 +281,7 @@ class Reconciler:
             stored = await kube.patch_gpujob_status(*key, patch, resource_version)
         if stored is None:
             self._gone(key)
-            return
+            return False
         self.store.put_job(stored)
         for observer in self.observers:
             try:
@@ -285,6 +294,7 @@ class Reconciler:
                     await sink(stored, decision.transitions, decision.status)
                 except Exception:  # events and metrics are best effort: the status write has happened
                     log.exception("after-write hook failed", hook=getattr(sink, "__name__", repr(sink)))
+        return True
 
 
 def _short(exc: Exception) -> str:
@@ -300,6 +310,7 @@ def _first_plan_pending(job: dict[str, Any], spec: GpuJobSpec, gate: QueueGate) 
     status = job.get("status") or {}
     return (
         gate.reason is None
+        and gate.admission is None
         and not status.get("phase")
         and not status.get("admission")
         and not (spec.cancel or spec.suspend)

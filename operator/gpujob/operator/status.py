@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from gpujob.api.constants import ConditionType, Phase, PodPhase, Reason
-from gpujob.api.models import FallbackStatus, GpuJobSpec, GpuJobStatus, Progress, QueuePosition
+from gpujob.api.models import Admission, FallbackStatus, GpuJobSpec, GpuJobStatus, Progress, QueuePosition
 from gpujob.api.naming import job_id_of
 from gpujob.api.params import params_error
 from gpujob.operator import fallback, policy
@@ -44,11 +44,14 @@ class Transition:
 class QueueGate:
     """The queue manager's word on a job that names a queue, while GpuQueues exist (with none at all, or for a job
     without spec.queue, there is no gate: the job is admitted at once, as before queues). `reason` is the last
-    plan's Waiting reason (QuotaExceeded, QueueNotFound, NamespaceNotAllowed); None before the first plan."""
+    plan's Waiting reason (QuotaExceeded, QueueNotFound, NamespaceNotAllowed); None before the first plan.
+    `admission`: the plan admitted the job; the pass that starts its attempt writes it into the status, in the same
+    write as the attempt, before the Pod is created (`Decision.admits`)."""
 
     reason: str | None = None
     position: int = 0
     message: str = ""
+    admission: Admission | None = None
 
 
 # The queue's Waiting reasons, as status reasons (admission.Waiting spells the same values).
@@ -66,6 +69,9 @@ class Decision:
     delete_job: bool = False  # ttlSecondsAfterFinished elapsed
     transitions: list[Transition] = field(default_factory=list)
     previous: GpuJobStatus | None = None  # the status this pass started from (what Events are derived against)
+    # The admission is written by this pass: its status must be stored before the Pod is created (a restarted
+    # operator counts only what the statuses say), and carries the attempt's podName already.
+    admits: bool = False
 
 
 @dataclass
@@ -129,6 +135,10 @@ def _start_attempt(
         _finish(b, Phase.FAILED, Reason.INVALID_PARAMS, f"invalid params for {spec.type.value}: {invalid}")
         _ttl(spec, b.status, b.now, d)
         return False
+    admitted = b.gate.admission if b.gate is not None else None
+    if admitted is not None and spec.queue and b.status.admission is None and b.status.fallback is None:
+        b.status.admission = admitted.model_copy()  # admitted by the last plan: this pass writes it
+        d.admits = True
     if b.gate is not None and spec.queue and b.status.admission is None and b.status.fallback is None:
         _wait_for_admission(b, spec.queue, b.gate)
         since = fallback.not_admitted_since(b.status)
@@ -344,6 +354,10 @@ def decide(
     elif b.status.phase is Phase.QUEUED and spec.queue:
         # Back in its queue (preempted, or resumed): the next attempt once admitted again; its old Pod is over.
         _start_attempt(b, d, spec, Reason.POD_CREATED, f"admitted again; attempt {b.status.attempts + 1}", pods)
+    elif pod is None and _admitted_pod_pending(spec, b.status):
+        # The admission and the attempt were written, the Pod not created yet (an operator stopped in between, or
+        # its create failed): create that attempt's Pod, no new attempt.
+        d.create_attempt = b.status.attempts
     elif pod is None:
         # The Pod of the current attempt vanished from outside (node loss, preemption, kubectl delete):
         # start over without charging the job for it.
@@ -359,6 +373,16 @@ def decide(
         b.status.progress = Progress(percent=100.0, message=(b.status.progress.message if b.status.progress else ""))
     d.transitions = b.transitions
     return d
+
+
+def _admitted_pod_pending(spec: GpuJobSpec, status: GpuJobStatus) -> bool:
+    """A queued job's attempt whose status was written before its Pod (Decision.admits) and whose Pod has never
+    been seen bound: Scheduled, podName set, condition Scheduled False with reason PodCreated. (An unbound Pod
+    deleted from outside looks the same: it is made again under the same attempt, also not a failure.)"""
+    if not (spec.queue and status.admission is not None and status.phase is Phase.SCHEDULED and status.pod_name):
+        return False
+    held = next((c for c in status.conditions if c.type == ConditionType.SCHEDULED), None)
+    return held is not None and held.status == "False" and held.reason == Reason.POD_CREATED
 
 
 def _observe_pod(b: _Builder, d: Decision, spec: GpuJobSpec, pod: PodView, now: datetime, pods: list[PodView]) -> None:
