@@ -296,14 +296,15 @@ class QueueManager:
         gates = {_key(k): self._gate(wait, by_key[k]) for k, wait in result.waiting.items()}
         gates |= {key: gate for key, (_, gate, _) in self._promised.items()}
         for key in set(gates) | set(self._gates):
-            if gates.get(key) != self._gates.get(key):
-                self.on_change(key)
+            old, new = self._gates.get(key), gates.get(key)
+            if new != old and not (new is None and old is not None and old.admission is not None):
+                self.on_change(key)  # (an admission that left the gate is in the status, or the job left)
         self._gates = gates
         self._keep_stats(result, workloads)
         self._send_positions(result, by_key)
-        for name in self.queues:
+        for name in list(self.queues):  # a GpuQueue event may come while a status is written
             status = queue_status(name, result, workloads)
-            if self._written.get(name) != status:
+            if name in self.queues and self._written.get(name) != status:
                 await kube.patch_gpuqueue_status(name, status)
                 self._written[name] = status
 
