@@ -54,9 +54,21 @@ def operator_from_deployment(
 
 
 def test_chart_applied_to_emulator_runs_jobs_with_least_privilege(
-    emulator: Any, kubectl: Any, k8s_api: Any, tmp_path: Path, redis_url: str, redis_client: Any
+    emulator: Any,
+    kubectl: Any,
+    k8s_api: Any,
+    tmp_path: Path,
+    redis_url: str,
+    redis_client: Any,
+    s3_server: Any,
+    s3_client: Any,
+    s3_bucket: str,
 ) -> None:
-    docs = render(HA_VALUES, include_crds=True)
+    # With an S3 server whose IAM the operator may use, per-job credentials are on (the chart's default, `auto`):
+    # the Secrets grants are used as on a real install.
+    s3_client.make_bucket(s3_bucket)
+    s3 = [f"s3.endpoint={s3_server.endpoint}", "s3.secure=false", "s3.region=us-east-1", f"s3.bucket={s3_bucket}"]
+    docs = render(HA_VALUES, include_crds=True, extra=["--set", ",".join([*s3, "s3.existingSecret=gpujob-s3"])])
     crds = [d for d in docs if d["kind"] == "CustomResourceDefinition"]
     rest = [d for d in docs if d["kind"] != "CustomResourceDefinition"]
     kubectl("create", "namespace", NAMESPACE)
@@ -66,7 +78,11 @@ def test_chart_applied_to_emulator_runs_jobs_with_least_privilege(
     assert kubectl("get", "clusterkopfpeering", "-o", "name").stdout.strip()
     emulator.reset_counts()
 
-    secrets = {"gpujob-redis/redis-url": redis_url}
+    secrets = {
+        "gpujob-redis/redis-url": redis_url,
+        "gpujob-s3/access-key": s3_server.access_key,
+        "gpujob-s3/secret-key": s3_server.secret_key,
+    }
     operator = operator_from_deployment(docs, emulator.kubeconfig, tmp_path / "operator.log", secrets)
     try:
         k8s_api.user_agent = "gpujob-tests/1"
