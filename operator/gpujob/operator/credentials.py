@@ -34,16 +34,6 @@ from gpujob.settings import Settings
 log = get_logger(__name__)
 
 RELAY_INTERVAL_SECONDS = 0.5
-# Files of the Secret (one per setting the worker reads from GPUJOB_CREDENTIALS_DIR).
-REDIS_KEYS = ("GPUJOB_REDIS_URL", "GPUJOB_EVENTS_STREAM")
-S3_KEYS = (
-    "GPUJOB_S3_ACCESS_KEY",
-    "GPUJOB_S3_SECRET_KEY",
-    "GPUJOB_S3_ENDPOINT",
-    "GPUJOB_S3_BUCKET",
-    "GPUJOB_S3_SECURE",
-    "GPUJOB_S3_REGION",
-)
 # A job's GpuJob by uid, as the operator's cache holds it (None: not known there).
 JobLookup = Callable[[str], dict[str, Any] | None]
 
