@@ -4,7 +4,7 @@ progress through the real worker publisher, and the server refuses (NOPERM) ever
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -17,28 +17,14 @@ from gpujob.credentials.redis_acl import RedisJobCredentials, job_stream, redis_
 from gpujob.events import SyncEventPublisher, make_event
 from gpujob.settings import Settings
 
-# The operator's own user, as the README documents it: its usual rights plus the three ACL subcommands.
-OPERATOR_ACL = (
-    "on >operator-pw ~gpujobs:* &gpujobs:* &gpujobs:progress:* +@all -@dangerous +acl|setuser +acl|deluser +acl|users"
-)
-
 JOB_A = JobRef("team-a", "job-a", "11111111-aaaa-4000-8000-000000000001", "job-a", "train_lora")
 JOB_B = JobRef("team-b", "job-b", "22222222-bbbb-4000-8000-000000000002", "job-b", "train_lora")
 
 
 @pytest.fixture
-def operator_url(redis_url: str, redis_client: redis.Redis) -> Iterator[str]:
-    redis_client.execute_command("ACL", "SETUSER", "gpujob", *OPERATOR_ACL.split())
-    yield redis_url_for(redis_url, "gpujob", "operator-pw")
-    for name in redis_client.execute_command("ACL", "USERS"):
-        if name == "gpujob" or name.startswith("gpujob-job:"):
-            redis_client.execute_command("ACL", "DELUSER", name)
-
-
-@pytest.fixture
-async def creds(operator_url: str) -> AsyncIterator[RedisJobCredentials]:
-    client = redis.asyncio.Redis.from_url(operator_url, decode_responses=True)
-    yield RedisJobCredentials(client, Settings(redis_url=operator_url))
+async def creds(operator_redis_url: str) -> AsyncIterator[RedisJobCredentials]:
+    client = redis.asyncio.Redis.from_url(operator_redis_url, decode_responses=True)
+    yield RedisJobCredentials(client, Settings(redis_url=operator_redis_url))
     await client.aclose()
 
 

@@ -11,7 +11,7 @@ import io
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,6 @@ from minio.error import S3Error
 from gpujob.api.constants import Phase
 from gpujob.api.naming import credentials_secret_name
 from gpujob.credentials.common import JobRef
-from gpujob.credentials.redis_acl import redis_url_for
 from gpujob.events import SyncEventPublisher, make_event, sync_client
 from gpujob.operator.builders import CREDENTIALS_MOUNT_PATH
 from gpujob.sandbox.procs import wait_for
@@ -34,21 +33,8 @@ from gpujob.worker.artifacts import store_from_settings
 from gpujob.worker.credential_files import with_credential_files
 from tests.support.operator import Cluster, OperatorProcess
 
-# The operator's own Redis user, exactly as the README documents it.
-OPERATOR_ACL = (
-    "on >operator-pw ~gpujobs:* &gpujobs:* &gpujobs:progress:* +@all -@dangerous +acl|setuser +acl|deluser +acl|users"
-)
 REGION = "us-east-1"
 INPUT = "datasets/a.jsonl"
-
-
-@pytest.fixture
-def operator_redis_url(redis_url: str, redis_client: redis.Redis) -> Iterator[str]:
-    redis_client.execute_command("ACL", "SETUSER", "gpujob", *OPERATOR_ACL.split())
-    yield redis_url_for(redis_url, "gpujob", "operator-pw")
-    for name in redis_client.execute_command("ACL", "USERS"):
-        if name == "gpujob" or name.startswith("gpujob-job:"):
-            redis_client.execute_command("ACL", "DELUSER", name)
 
 
 @pytest.fixture
