@@ -260,29 +260,46 @@ async def create_pod(namespace: str, body: dict[str, Any]) -> tuple[Effect, dict
     return Effect.CREATED, data
 
 
+async def _pages(
+    plural: str, namespaces: list[str] | None, label_selector: str = "", limit: int = 500
+) -> AsyncIterator[tuple[str | None, dict[str, Any]]]:
+    """Each `continue` page (namespace listed or None for all, the raw list body) of Pods (`plural` "pods") or
+    GpuJobs ("gpujobs"), each page retried on its own; the pages of one namespace's list are one consistent
+    snapshot, at its first page's resourceVersion."""
+    pods = plural == "pods"
+    api: Any = client.CoreV1Api(await api_client()) if pods else client.CustomObjectsApi(await api_client())
+    for namespace in list(namespaces) if namespaces else [None]:
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"limit": limit, "_preload_content": False}
+            if label_selector:
+                kwargs["label_selector"] = label_selector
+            if token:
+                kwargs["_continue"] = token
+            if pods:
+                call = (
+                    partial(api.list_pod_for_all_namespaces, **kwargs)
+                    if namespace is None
+                    else partial(api.list_namespaced_pod, namespace, **kwargs)
+                )
+            elif namespace is None:
+                call = partial(api.list_cluster_custom_object, GROUP, VERSION, plural, **kwargs)
+            else:
+                call = partial(api.list_namespaced_custom_object, GROUP, VERSION, namespace, plural, **kwargs)
+            page = await with_retries(partial(_read_call, call))
+            token = (page.get("metadata") or {}).get("continue")
+            yield namespace, page
+            if not token:
+                break
+
+
 async def list_pods(
     namespaces: list[str] | None, label_selector: str, limit: int = 500
 ) -> AsyncIterator[list[dict[str, Any]]]:
     """Raw Pod dicts (all namespaces when `namespaces` is None), one `continue` page at a time: the caller
     files a page and drops it, so at most one page of full Pod bodies is held at once."""
-    core: Any = client.CoreV1Api(await api_client())
-    targets: list[str | None] = list(namespaces) if namespaces else [None]
-    for namespace in targets:
-        token: str | None = None
-        while True:
-            kwargs: dict[str, Any] = {"label_selector": label_selector, "limit": limit, "_preload_content": False}
-            if token:
-                kwargs["_continue"] = token
-            if namespace is None:
-                call = partial(core.list_pod_for_all_namespaces, **kwargs)
-            else:
-                call = partial(core.list_namespaced_pod, namespace, **kwargs)
-            page = await with_retries(partial(_read_call, call))
-            token = (page.get("metadata") or {}).get("continue")
-            yield page.pop("items", None) or []
-            del page
-            if not token:
-                break
+    async for _, page in _pages("pods", namespaces, label_selector, limit):
+        yield page.pop("items", None) or []
 
 
 async def _read_call(call: Callable[[], Awaitable[Any]]) -> dict[str, Any]:
@@ -404,63 +421,22 @@ async def patch_gpujob_status(
 
 async def list_gpujobs(namespaces: list[str] | None, limit: int = 500) -> AsyncIterator[list[dict[str, Any]]]:
     """Raw GpuJob dicts (all namespaces when `namespaces` is None), one `continue` page at a time."""
-    custom: Any = client.CustomObjectsApi(await api_client())
-    for namespace in list(namespaces) if namespaces else [None]:
-        token: str | None = None
-        while True:
-            kwargs: dict[str, Any] = {"limit": limit, "_preload_content": False}
-            if token:
-                kwargs["_continue"] = token
-            if namespace is None:
-                call = partial(custom.list_cluster_custom_object, GROUP, VERSION, PLURAL, **kwargs)
-            else:
-                call = partial(custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, **kwargs)
-            page = await with_retries(partial(_read_call, call))
-            token = (page.get("metadata") or {}).get("continue")
-            yield page.pop("items", None) or []
-            if not token:
-                break
+    async for _, page in _pages(PLURAL, namespaces, limit=limit):
+        yield page.pop("items", None) or []
 
 
 async def list_names(
-    plural: str, namespaces: list[str] | None, label_selector: str = "", limit: int = 500
+    plural: str, namespaces: list[str] | None, label_selector: str = ""
 ) -> list[tuple[str | None, str, set[tuple[str, str]]]]:
     """What exists now, for checking a cache against it: per listed scope (a namespace, or None for all), the
-    list's resourceVersion and the (namespace, name) of each Pod (`plural` "pods") or GpuJob ("gpujobs").
-    Paged; the pages of one list are one consistent snapshot, at the first page's resourceVersion."""
-    api: Any = client.CoreV1Api(await api_client()) if plural == "pods" else client.CustomObjectsApi(await api_client())
-    found: list[tuple[str | None, str, set[tuple[str, str]]]] = []
-    for namespace in list(namespaces) if namespaces else [None]:
-        token: str | None = None
-        version, names = "", set()
-        while True:
-            kwargs: dict[str, Any] = {"limit": limit, "_preload_content": False}
-            if label_selector:
-                kwargs["label_selector"] = label_selector
-            if token:
-                kwargs["_continue"] = token
-            if plural == "pods":
-                call = (
-                    partial(api.list_pod_for_all_namespaces, **kwargs)
-                    if namespace is None
-                    else partial(api.list_namespaced_pod, namespace, **kwargs)
-                )
-            elif namespace is None:
-                call = partial(api.list_cluster_custom_object, GROUP, VERSION, plural, **kwargs)
-            else:
-                call = partial(api.list_namespaced_custom_object, GROUP, VERSION, namespace, plural, **kwargs)
-            page = await with_retries(partial(_read_call, call))
-            meta = page.get("metadata") or {}
-            version = version or str(meta.get("resourceVersion") or "")
-            for item in page.get("items") or []:
-                item_meta = item.get("metadata") or {}
-                names.add((item_meta.get("namespace", ""), item_meta.get("name", "")))
-            del page
-            token = meta.get("continue")
-            if not token:
-                break
-        found.append((namespace, version, names))
-    return found
+    list's resourceVersion and the (namespace, name) of each Pod (`plural` "pods") or GpuJob ("gpujobs")."""
+    found: dict[str | None, tuple[str, set[tuple[str, str]]]] = {}
+    async for namespace, page in _pages(plural, namespaces, label_selector):
+        _, names = found.setdefault(namespace, (str((page.get("metadata") or {}).get("resourceVersion") or ""), set()))
+        for item in page.get("items") or []:
+            meta = item.get("metadata") or {}
+            names.add((meta.get("namespace", ""), meta.get("name", "")))
+    return [(namespace, version, names) for namespace, (version, names) in found.items()]
 
 
 async def list_gpuqueues() -> list[dict[str, Any]] | None:
