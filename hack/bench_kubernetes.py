@@ -201,6 +201,19 @@ def operator_kubeconfig(cp: ControlPlane, workdir: Path) -> Path:
     )
 
 
+def operator_env(cp: ControlPlane, workdir: Path) -> dict[str, str]:
+    """The environment of an operator process watching GJ_NS with its own identity (JSON logs, no metrics port)."""
+    return {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "KUBECONFIG": str(operator_kubeconfig(cp, workdir)),
+        "GPUJOB_LOG_FORMAT": "json",
+        "GPUJOB_LOG_LEVEL": "INFO",
+        "GPUJOB_METRICS_PORT": "0",
+        "GPUJOB_NAMESPACE": GJ_NS,
+    }
+
+
 def quiet_after(proc: Proc, started: float) -> float:
     """Seconds from `started` until the process used no CPU for a whole second."""
     cpu, quiet_since = proc.cpu_seconds(), time.monotonic()
@@ -231,15 +244,7 @@ async def main(args: argparse.Namespace) -> None:
         for ns in (GJ_NS, JOB_NS):
             prepare_namespace(rest, ns, workdir / "models", restricted=False)
         audit = Audit(cp.audit_log)
-        env = {
-            **os.environ,
-            "PYTHONUNBUFFERED": "1",
-            "KUBECONFIG": str(operator_kubeconfig(cp, workdir)),
-            "GPUJOB_LOG_FORMAT": "json",
-            "GPUJOB_LOG_LEVEL": "INFO",
-            "GPUJOB_METRICS_PORT": "0",
-            "GPUJOB_NAMESPACE": GJ_NS,
-        }
+        env = operator_env(cp, workdir)
         argv = [sys.executable, "-m", "gpujob.cli", "operator", "--namespace", GJ_NS]
         operator_user = f"system:serviceaccount:{OPERATOR_SA[0]}:{OPERATOR_SA[1]}"
         operator: Proc | None = None

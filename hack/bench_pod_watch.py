@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import ssl
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).parent))
 import benchrows
-from bench_kubernetes import GJ_NS, operator_kubeconfig, quiet_after
+from bench_kubernetes import GJ_NS, operator_env, quiet_after
 from bench_operator import Proc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,16 +95,7 @@ async def main(args: argparse.Namespace) -> None:
         rest = Rest(cp.kubeconfig)
         install_crds(rest, crd_files([REPO / "crds"]))
         prepare_namespace(rest, GJ_NS, workdir / "models", restricted=False)
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(REPO / "operator"),
-            "PYTHONUNBUFFERED": "1",
-            "KUBECONFIG": str(operator_kubeconfig(cp, workdir)),
-            "GPUJOB_LOG_FORMAT": "json",
-            "GPUJOB_LOG_LEVEL": "INFO",
-            "GPUJOB_METRICS_PORT": "0",
-            "GPUJOB_NAMESPACE": GJ_NS,
-        }
+        env = {**operator_env(cp, workdir), "PYTHONPATH": str(REPO / "operator")}
         sides: dict[str, Proc] = {}
         try:
             shipped = [sys.executable, "-m", "gpujob.cli", "operator", "--namespace", GJ_NS]
