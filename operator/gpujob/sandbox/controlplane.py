@@ -203,6 +203,10 @@ class ControlPlane:
                 "--use-service-account-credentials=true",
                 f"--node-monitor-grace-period={NODE_MONITOR_GRACE}",
                 "--node-monitor-period=2s",
+                # The quota controller counts from its informers: a Pod admitted while it recounts can be missed
+                # (status.used one low, and the next Pod admitted past `hard`) until the next full resync, 5 min
+                # by default. A short resync heals such a count in seconds.
+                "--resource-quota-sync-period=10s",
                 "--v=1",
             ]
         if name == "kube-scheduler":
