@@ -168,6 +168,28 @@ def test_eviction_ends_the_pod_failed_with_disruption_target_before_it_is_remove
     assert status["state"]["terminated"]["exitCode"] == 143  # the process got SIGTERM and its grace period
 
 
+def test_an_evicted_pod_whose_process_exits_0_ends_succeeded_with_disruption_target(
+    kube_session: KubeSession, rest: Rest, ns: str, watches: list[PodWatch]
+) -> None:
+    """As a real kubelet's getPhase (pkg/kubelet/kubelet_pods.go): a Pod being deleted whose containers all exit 0
+    is Succeeded, not Failed, DisruptionTarget or not. The operator must not read that as the job's success."""
+    script = "trap 'echo got TERM; exit 0' TERM; echo started; while true; do sleep 0.1; done"
+    rest.request("POST", f"/api/v1/namespaces/{ns}/pods", pod("quitter", script, grace=20))
+    wait_for(lambda: phase(rest, ns, "quitter") == "Running", 60, what="the pod to run")
+    watch = PodWatch(kube_session, ns, "quitter")
+    watches.append(watch)
+    eviction = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": "quitter", "namespace": ns}}
+    rest.request("POST", f"/api/v1/namespaces/{ns}/pods/quitter/eviction", eviction)
+    wait_for(lambda: get_pod(rest, ns, "quitter") is None, 60, what="the evicted pod to be removed")
+    wait_for(lambda: any(t == "DELETED" for t, _ in watch.events), 10, what="the DELETED event")
+    last = next(obj for t, obj in watch.events if t == "DELETED")
+    conditions = {c["type"]: c for c in last["status"].get("conditions") or []}
+    assert last["status"]["phase"] == "Succeeded" and conditions["DisruptionTarget"]["status"] == "True"
+    [status] = last["status"]["containerStatuses"]
+    assert status["state"]["terminated"]["exitCode"] == 0
+    assert status["state"]["terminated"]["finishedAt"] >= conditions["DisruptionTarget"]["lastTransitionTime"]
+
+
 def test_a_lost_node_goes_not_ready_and_its_pods_are_evicted(kube_session: KubeSession, rest: Rest, ns: str) -> None:
     sandbox = kube_session.sandbox
     agent = sandbox.agents[-1]

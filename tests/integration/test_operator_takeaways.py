@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import pytest
+from kubernetes import client
 
 from gpujob.api.constants import GROUP, PLURAL, VERSION, Phase, Reason
 from tests.support.kubernetes import ApiTarget
@@ -107,6 +108,42 @@ def test_a_job_over_its_namespaces_quota_waits_queued_and_runs_when_the_quota_fr
     cluster.core.patch_namespaced_resource_quota("one-pod", cluster.namespace, {"spec": {"hard": {"pods": "2"}}})
     cluster.wait_pod("third", 1, timeout=120)
     assert cluster.status("third").get("failures", 0) == 0
+
+
+def test_a_worker_that_exits_0_when_evicted_gets_a_new_attempt_not_a_success(
+    operator: OperatorProcess, cluster: Cluster
+) -> None:
+    """Item 5: a custom image that exits 0 on SIGTERM. The Eviction API marks its Pod DisruptionTarget and deletes
+    it; the kubelet then reports it Succeeded (every container exited 0). The job is not Succeeded: a new attempt
+    starts, uncounted, even with retries.limit 0. (A finalizer holds the Pod, as a slow kubelet would, so that the
+    operator sees its last status.)"""
+    cluster.create_job("quitter", {"type": "train_lora", "retries": {"limit": 0}})
+    pod = cluster.wait_pod("quitter", 1).metadata.name
+    cluster.set_pod(pod, "Running")
+    cluster.wait_phase("quitter", Phase.RUNNING)
+    cluster.core.patch_namespaced_pod(pod, cluster.namespace, {"metadata": {"finalizers": ["test.gpujob.dev/hold"]}})
+    eviction = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": pod}}
+    cluster.core.create_namespaced_pod_eviction(pod, cluster.namespace, eviction)
+    cluster.wait_until(lambda: cluster.core.read_namespaced_pod(pod, cluster.namespace).metadata.deletion_timestamp,
+                       what="the eviction's deletion")  # fmt: skip
+    cluster.set_pod(pod, "Succeeded", exit_code=0)
+    status = cluster.wait_until(
+        lambda: (s := cluster.status("quitter")).get("attempts") == 2 and s, what="attempt 2 in the status"
+    )
+    assert status["phase"] != Phase.SUCCEEDED and status.get("failures", 0) == 0
+    # Why attempt 2 (`kubectl describe gj quitter`): the eviction, and the worker's exit 0 not taken as success.
+    events = client.EventsV1Api(cluster.core.api_client)
+
+    def started() -> list[str]:
+        found = events.list_namespaced_event(cluster.namespace).items
+        return [e.note for e in found if e.reason == "AttemptStarted" and e.note.startswith("attempt 2:")]
+
+    [note] = cluster.wait_until(started, what="the AttemptStarted Event of attempt 2")
+    assert Reason.EVICTED in note and "EvictionByEvictionAPI" in note and "exited 0" in note
+    cluster.core.patch_namespaced_pod(pod, cluster.namespace, {"metadata": {"finalizers": None}})
+    cluster.run_pod("quitter", 2)
+    done = cluster.wait_phase("quitter", Phase.SUCCEEDED)
+    assert done["attempts"] == 2 and done.get("failures", 0) == 0
 
 
 def test_a_pod_stuck_terminating_surfaces_and_the_job_moves_on_once_it_is_gone(

@@ -10,7 +10,13 @@ import pytest
 
 from gpujob.api.constants import ConditionType, Label, Phase, Reason
 from gpujob.operator.conventions import iso
-from gpujob.operator.podview import PodView, pod_view, rejected_by_node, storage_limit_exceeded
+from gpujob.operator.podview import (
+    PodView,
+    pod_view,
+    rejected_by_node,
+    stopped_by_disruption,
+    storage_limit_exceeded,
+)
 from tests.unit.test_status import T0, job, pod, step
 
 # The kubelet eviction manager's messages for a Pod over its own limits (no DisruptionTarget condition).
@@ -119,3 +125,59 @@ def test_an_eviction_for_the_nodes_own_pressure_is_still_not_counted() -> None:
     assert not storage_limit_exceeded(evicted)
     d = step(body, [evicted])
     assert d.create_attempt == 2 and d.status.failures == 0 and d.status.reason == Reason.EVICTED
+
+
+def _drained_pod(finished: timedelta, marked: timedelta | None, deleting: bool = True) -> PodView:
+    """A Pod whose worker exited 0, as a real kubelet reports it (phase Succeeded: every container exited 0, even
+    when the Pod was being deleted), with the Eviction API's DisruptionTarget mark at T0 + `marked`."""
+    meta: dict[str, Any] = {"name": "j-1", "labels": {Label.ATTEMPT: "1"}, "creationTimestamp": iso(T0)}
+    if deleting:
+        meta["deletionTimestamp"] = iso(T0 + timedelta(seconds=60))
+    term = {"exitCode": 0, "reason": "Completed", "finishedAt": iso(T0 + finished)}
+    conditions = []
+    if marked is not None:
+        conditions.append(
+            {
+                "type": "DisruptionTarget",
+                "status": "True",
+                "reason": "EvictionByEvictionAPI",
+                "lastTransitionTime": iso(T0 + marked),
+            }
+        )
+    return pod_view(
+        {
+            "metadata": meta,
+            "spec": {"nodeName": "gpu-1"},
+            "status": {
+                "phase": "Succeeded",
+                "conditions": conditions,
+                "containerStatuses": [{"name": "worker", "state": {"terminated": term}}],
+            },
+        }
+    )
+
+
+@pytest.mark.parametrize("after", [0, 3], ids=["same-second", "after"])
+def test_a_worker_that_exits_0_when_drained_is_not_the_jobs_success(after: int) -> None:
+    """Item 5: a custom image that exits 0 on SIGTERM. Its Pod ends Succeeded with DisruptionTarget; the work was
+    cut short, so a new attempt starts, uncounted, even with retries.limit 0."""
+    body = job({"retries": {"limit": 0}})
+    step(body, [])
+    drained = _drained_pod(finished=timedelta(seconds=10 + after), marked=timedelta(seconds=10))
+    assert stopped_by_disruption(drained)
+    d = step(body, [drained], T0 + timedelta(seconds=12 + after))
+    assert d.create_attempt == 2 and d.status.failures == 0 and d.status.phase is not Phase.SUCCEEDED
+    assert d.status.reason == Reason.EVICTED and "EvictionByEvictionAPI" in (d.status.message or "")
+    assert d.delete_pods == []  # already being deleted by the eviction
+
+
+def test_a_pod_evicted_after_its_worker_finished_did_succeed() -> None:
+    """The mark came after the worker's exit (a drain reaching a completed Pod): the job's success stands."""
+    body = job({"retries": {"limit": 0}})
+    step(body, [])
+    done = _drained_pod(finished=timedelta(seconds=10), marked=timedelta(seconds=11))
+    assert not stopped_by_disruption(done)
+    d = step(body, [done], T0 + timedelta(seconds=12))
+    assert d.status.phase is Phase.SUCCEEDED and d.create_attempt is None
+    no_mark = _drained_pod(finished=timedelta(seconds=10), marked=None, deleting=False)
+    assert not stopped_by_disruption(no_mark)

@@ -84,6 +84,7 @@ class PodView:
     result: str | None = None  # the worker's termination message (JSON)
     resource_version: str | None = None
     disruption: str | None = None  # reason of a DisruptionTarget=True condition: taken away from outside
+    disrupted_at: datetime | None = None  # that condition's lastTransitionTime
     # metadata.deletionTimestamp: when a Pod being deleted should be gone (the request's time plus its grace
     # period); and the finalizers that may hold it past that.
     deletion_deadline: datetime | None = None
@@ -142,6 +143,14 @@ def pod_view(pod: dict[str, Any]) -> PodView:
             reason, message = state["waiting"]["reason"], state["waiting"].get("message")
         elif "running" in state:
             started = parse_time(state["running"].get("startedAt"))
+    disruption: dict[str, Any] = next(
+        (
+            c
+            for c in status.get("conditions") or []
+            if c.get("type") == DISRUPTION_CONDITION and c.get("status") == "True"
+        ),
+        {},
+    )
     if status.get("phase", PodPhase.PENDING) == PodPhase.PENDING and not reason:
         for cond in status.get("conditions") or []:
             if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
@@ -162,14 +171,8 @@ def pod_view(pod: dict[str, Any]) -> PodView:
         message=message,
         result=result,
         resource_version=meta.get("resourceVersion"),
-        disruption=next(
-            (
-                c.get("reason") or DISRUPTION_CONDITION
-                for c in status.get("conditions") or []
-                if c.get("type") == DISRUPTION_CONDITION and c.get("status") == "True"
-            ),
-            None,
-        ),
+        disruption=disruption.get("reason") or DISRUPTION_CONDITION if disruption else None,
+        disrupted_at=parse_time(disruption.get("lastTransitionTime")) if disruption else None,
     )
 
 
@@ -206,6 +209,17 @@ def taken_away(pod: PodView) -> str | None:
     if pod.deleting and pod.exit_code in KILLED_BY_DELETION:
         return "deleted"  # kubectl delete pod: the kubelet reports the killed container's Failed phase first
     return None
+
+
+def stopped_by_disruption(pod: PodView) -> bool:
+    """A Succeeded Pod that a disruption stopped: its worker exited 0 on SIGTERM (a custom image may), at or after
+    the DisruptionTarget mark (a drain, a preemption, a taint eviction). A real kubelet reports such a Pod
+    Succeeded, not Failed, when every container exits 0; it is not the job's success (nothing says the work was
+    done). A worker that finished before the mark (a Pod evicted after it completed) did succeed. Both times have
+    whole seconds: the same second reads as stopped (a rerun loses nothing; a false success loses the output)."""
+    if not pod.disruption or pod.phase != PodPhase.SUCCEEDED:
+        return False
+    return pod.finished_at is None or pod.disrupted_at is None or pod.finished_at >= pod.disrupted_at
 
 
 def _result_object(text: str | None) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from gpujob.operator.podview import (
     PodView,
     failure_reason,
     rejected_by_node,
+    stopped_by_disruption,
     storage_limit_exceeded,
     taken_away,
     worker_result,
@@ -438,6 +439,11 @@ def _observe_pod(b: _Builder, d: Decision, spec: GpuJobSpec, pod: PodView, now: 
         b.cond(ConditionType.SCHEDULED, True, Reason.POD_RUNNING, f"running on {pod.node_name}")
         b.cond(ConditionType.RUNNING, True, Reason.POD_RUNNING, f"attempt {pod.attempt} running")
         b.phase(Phase.RUNNING, Reason.POD_RUNNING, f"attempt {pod.attempt} running on {pod.node_name}")
+    elif pod.phase == PodPhase.SUCCEEDED and stopped_by_disruption(pod):
+        if not pod.deleting:
+            d.delete_pods.append(pod.name)
+        text = f"attempt {pod.attempt} {pod.disruption}: its worker exited 0 when stopped, the work is not done"
+        _start_attempt(b, d, spec, Reason.EVICTED, text, pods)
     elif pod.phase == PodPhase.SUCCEEDED:
         _succeed(b, d, spec, pod, now)
     elif pod.phase == PodPhase.FAILED:
