@@ -167,6 +167,43 @@ async def test_flaky_api_server_loses_nothing_and_dead_letters_nothing(
     assert redis_client.xlen(DEAD) == 0
 
 
+async def test_403s_while_the_api_server_warms_up_are_waited_out_not_dead_lettered(
+    emulator: Any, redis_url: str, redis_client: redis.Redis, cluster: Cluster
+) -> None:
+    """Regression (chaos on the real control plane): a kube-apiserver that has just restarted answers 503, then
+    403 to everyone until its authorizer's caches fill. Eight valid requests were dead-lettered as forbidden after
+    four quick retries. 403s are now waited out for FORBIDDEN_PATIENCE seconds: 8 s of them (5xx first) pass."""
+    faults = emulator.thread.emulator.faults
+    emulator.set_faults(error_500_rate=1.0, resources=[PLURAL], agents=["gpujob-operator"])
+    redis_client.xadd(STREAM, request("warming-up"))
+    async with running_bridge(bridge_settings(redis_url)) as bridge:
+        await eventually(lambda: faults.injected["500"] >= 2, what="500s while the API server is down")
+        emulator.set_faults(error_500_rate=0.0, error_403_rate=1.0)
+        await eventually(lambda: faults.injected["403"] >= 1, what="403s while its authorizer warms up")
+        await asyncio.sleep(8)
+        assert redis_client.xlen(DEAD) == 0 and pending(redis_client) == 1, "still waiting, not rejected"
+        emulator.set_faults(error_403_rate=0.0)
+        await eventually(lambda: bridge.stats.requests_total["created"] == 1, timeout=60, what="the GpuJob made")
+    assert job_names(cluster) == ["warming-up"] and redis_client.xlen(DEAD) == 0 and pending(redis_client) == 0
+
+
+async def test_a_namespace_the_operator_may_not_write_rejects_the_request_after_the_patience(
+    emulator: Any, redis_url: str, redis_client: redis.Redis, cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 403 that lasts (RBAC the operator lacks) rejects the request with the API server's reason, once the
+    patience is spent, and the intake goes on with the next request."""
+    monkeypatch.setattr(intake, "FORBIDDEN_PATIENCE", 2.0)
+    emulator.set_faults(error_403_rate=1.0, resources=[PLURAL], agents=["gpujob-operator"])
+    redis_client.xadd(STREAM, request("refused"))
+    async with running_bridge(bridge_settings(redis_url)):
+        await eventually(lambda: redis_client.xlen(DEAD) == 1, timeout=30, what="the refused request dead-lettered")
+        emulator.set_faults(error_403_rate=0.0)
+        redis_client.xadd(STREAM, request("after"))
+        await eventually(lambda: job_names(cluster) == ["after"], timeout=30, what="the next request's GpuJob")
+    [(_, dead)] = redis_client.xrange(DEAD)
+    assert "rejected by the API server (403)" in dead["reason"] and "refused" in dead["job"]
+
+
 # --- replicas share the stream
 async def test_two_replicas_share_the_stream_and_create_each_gpujob_once(
     emulator: Any, redis_url: str, redis_client: redis.Redis, cluster: Cluster

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +65,10 @@ log = get_logger("gpujob.bridge")
 
 MAX_BACKOFF = 30.0
 TRANSIENT_RETRIES = 4  # in place, with back-off from RETRY_DELAY: ~4 s before the entry is left pending
+# Seconds of 403s on a request's GpuJob (in a row, in place) before the request is rejected. A kube-apiserver that
+# has just restarted answers 403 to everyone until its authorizer's caches fill: seen on the real control plane,
+# right after its 503s, for 2-5 s; four quick retries (shared with the 503s) dead-lettered 8 valid requests.
+FORBIDDEN_PATIENCE = 30.0
 RETRY_DELAY = 0.25
 HEALTHY_AFTER = 10.0  # seconds a serving period must last for the reconnect back-off to start over
 FAILURES_TTL_SECONDS = 7 * 24 * 3600  # a failure count outlives no entry by long (entries deleted by hand)
@@ -377,24 +382,34 @@ class Bridge:
     async def _apply_with_retries(self, entry: Entry, entry_id: str) -> RequestOutcome:
         """Transient trouble is retried here first (cheaper than a re-read); after TRANSIENT_RETRIES the Transient
         goes up and the entry stays pending (the bridge pauses, backing off, then reads it again). A 403 (RBAC
-        or a quota) gets the same retries in place, then rejects the request: an apiserver that has just
-        restarted refuses everyone for a moment, but one namespace the operator may not write to must not hold
-        up the whole stream."""
+        or a quota) is retried in place for FORBIDDEN_PATIENCE seconds, then rejects the request: an apiserver
+        that has just restarted refuses everyone for a moment, but one namespace the operator may not write to
+        must not hold up the whole stream. Stopping leaves the entry pending, never rejected."""
         delay = RETRY_DELAY
+        loop = asyncio.get_running_loop()
+        transient, forbidden_since = 0, None
         with bind_job(entry.job_id, entry=entry_id):  # its lines (ours, the API wrapper's) name the request
-            for attempt in range(TRANSIENT_RETRIES + 1):
+            for attempt in itertools.count(1):
                 try:
                     return await self._apply(entry, entry_id)
-                except (Transient, Forbidden) as exc:
+                except Transient as exc:
                     self.stats.transient_errors_total += 1
-                    if attempt == TRANSIENT_RETRIES or self._stop.is_set():
-                        if isinstance(exc, Forbidden):
-                            raise InvalidEntry(exc.reason) from None
+                    transient += 1
+                    if transient > TRANSIENT_RETRIES or self._stop.is_set():
                         raise
-                    log.info("request failed, retrying", error=str(exc), retry=attempt + 1, retry_in=delay)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._stop.wait(), delay)
-                    delay = min(MAX_BACKOFF, delay * 2)
+                    error = str(exc)
+                except Forbidden as exc:
+                    self.stats.transient_errors_total += 1
+                    forbidden_since = loop.time() if forbidden_since is None else forbidden_since
+                    if self._stop.is_set():
+                        raise Transient(exc.reason) from None
+                    if loop.time() - forbidden_since >= FORBIDDEN_PATIENCE:
+                        raise InvalidEntry(exc.reason) from None
+                    error = exc.reason
+                log.info("request failed, retrying", error=error, retry=attempt, retry_in=delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                delay = min(MAX_BACKOFF, delay * 2)
         raise AssertionError("unreachable")
 
     def _namespace(self, entry: Entry) -> str:
