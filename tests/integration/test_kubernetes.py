@@ -79,6 +79,8 @@ class PodWatch:
             for line in self.response:
                 event = json.loads(line)
                 self.events.append((event["type"], event["object"]))
+                if event["type"] == "DELETED":
+                    return  # the Pod's last version: stop() need not wait for the server to end the watch
 
     def stop(self) -> None:
         self.response.close()
