@@ -73,7 +73,7 @@ typecheck: $(STAMP)/python
 	$(BIN)/mypy
 
 test: setup kubernetes lint typecheck
-	$(BIN)/pytest -q -ra
+	$(BIN)/pytest -q -ra --durations=20
 
 # The pure tier alone (no servers, about a minute): for a quick loop while editing.
 test-unit: setup
