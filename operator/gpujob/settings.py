@@ -95,7 +95,8 @@ class OperatorSettings(BaseSettings):
     cache_audit_seconds: float = Field(
         300.0,
         description="Seconds between checks of the operator's cache against a list of its GpuJobs and Pods (what a "
-        "watch resumed after a gap missed is dropped); 0 = never.",
+        "watch resumed after a gap missed is dropped); a watch that lists again also calls for a check, 5 s after "
+        "its listing; 0 = never.",
     )
     peering: str | None = Field(None, description="kopf peering object name (HA); unset = standalone.")
 

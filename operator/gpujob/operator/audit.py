@@ -4,7 +4,9 @@ A watch that is resumed after a gap (410 Gone, an apiserver restart, a peering p
 exists, but nothing for what was deleted in the gap: those objects would stay in the cache for ever (a stale
 Running Pod blocks every next attempt; a GpuJob that is gone keeps getting Pods that GC deletes). So every
 `cache_audit_seconds` the operator lists the names of its GpuJobs and Pods and drops what the cache holds and the
-list does not, as if the DELETED event had come.
+list does not, as if the DELETED event had come. A relist (kopf re-sends every object it lists as an event of
+type None) also calls for a check: AUDIT_SETTLE seconds after the last such event, not at the next interval, so
+that a job whose Pod ended and went while the API server restarted moves on in seconds, not minutes.
 
 Only what is provably gone is dropped: absent from a list taken at resourceVersion R, and last seen at a
 version not newer than R (an object created after the list began is absent from it, and kept). Versions that do
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from gpujob import kube
@@ -27,6 +29,8 @@ from gpujob.operator.cache import JobKey, Store
 log = get_logger(__name__)
 
 Listing = tuple[str | None, str, set[tuple[str, str]]]  # scope (namespace or None = all), resourceVersion, names
+# Seconds without another listed object (a relist's events) before the check it calls for: the relist is done.
+AUDIT_SETTLE = 5.0
 
 
 def not_newer(seen: str | None, listed: str) -> bool:
@@ -58,6 +62,12 @@ class CacheAudit:
     pod_selector: str
     job_gone: Callable[[dict[str, Any]], None]  # called with the held (slim) GpuJob, as a DELETED event would be
     pod_gone: Callable[[dict[str, Any]], None]  # called with a minimal Pod body naming its owner
+    settle: float = AUDIT_SETTLE
+    _soon: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def soon(self) -> None:
+        """A watch listed again (after a gap): check once its listing is over, before the next interval."""
+        self._soon.set()
 
     async def once(self) -> tuple[int, int]:
         """One check; returns how many GpuJobs and Pods were dropped."""
@@ -91,12 +101,24 @@ class CacheAudit:
 
     async def run(self, interval: float, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
-            try:
-                await asyncio.wait_for(stopping.wait(), timeout=interval)
+            if await _first(stopping, self._soon, interval) is stopping:
                 return
-            except TimeoutError:
-                pass
+            while self._soon.is_set():  # a relist: wait until its events stop coming
+                self._soon.clear()
+                if await _first(stopping, self._soon, self.settle) is stopping:
+                    return
             try:
                 await self.once()
             except Exception as exc:  # the next round tries again; the watches go on meanwhile
                 log.warning("cache audit failed", error=repr(exc))
+
+
+async def _first(stopping: asyncio.Event, soon: asyncio.Event, seconds: float) -> asyncio.Event | None:
+    """Which event is set first within `seconds` (`stopping` wins a tie), or None."""
+    waits = {asyncio.ensure_future(stopping.wait()): stopping, asyncio.ensure_future(soon.wait()): soon}
+    try:
+        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in waits:
+            task.cancel()
+    return stopping if stopping.is_set() else soon if soon.is_set() else None

@@ -87,6 +87,7 @@ class Runtime:
     forwarder: EventForwarder | None = None
     mirror: ProgressMirror | None = None
     pause: Pause | None = None  # HA: this replica's kopf peering pause (gpujob.operator.pause)
+    audit: CacheAudit | None = None  # the cache checked against the API (gpujob.operator.audit)
     credentials: JobCredentials | None = None  # per-job credentials, when on (gpujob.operator.credentials)
     services: dict[str, RedisService] = field(default_factory=dict)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
@@ -157,8 +158,8 @@ class Runtime:
         if not any(task.get_name() == "queues" for task in self._tasks):
             self.spawn("queues", self.queues.run())
         if self.settings.cache_audit_seconds > 0 and not any(t.get_name() == "cache-audit" for t in self._tasks):
-            audit = CacheAudit(self.store, self.namespaces, POD_SELECTOR, self.job_gone, self.pod_gone)
-            self.spawn("cache-audit", audit.run(self.settings.cache_audit_seconds, self.stopping))
+            self.audit = CacheAudit(self.store, self.namespaces, POD_SELECTOR, self.job_gone, self.pod_gone)
+            self.spawn("cache-audit", self.audit.run(self.settings.cache_audit_seconds, self.stopping))
         if self.settings.redis_url is not None and self.redis is None:
             self.redis = async_client(self.settings)
             self.health.add_readiness_check("redis", self._redis_ping)
@@ -304,6 +305,7 @@ class Runtime:
 
     # --- watch events
     def job_event(self, event_type: str | None, body: dict[str, Any]) -> None:
+        self._listed(event_type)
         meta = body.get("metadata") or {}
         key: JobKey = (meta.get("namespace", ""), meta.get("name", ""))
         if event_type == "DELETED":
@@ -340,7 +342,14 @@ class Runtime:
     def queue_event(self, event_type: str | None, body: dict[str, Any]) -> None:
         self.queues.queue_event(event_type, body)
 
+    def _listed(self, event_type: str | None) -> None:
+        """kopf sends what a (re)list found as events of type None; a relist follows a watch gap, whose deletions
+        no event will ever tell: the cache audit checks soon (once the listing is over)."""
+        if event_type is None and self.audit is not None:
+            self.audit.soon()
+
     def pod_event(self, event_type: str | None, body: dict[str, Any]) -> None:
+        self._listed(event_type)
         if event_type != "DELETED" and self.store.holds_pod(body):
             return  # our own create, or filed by the start-up list: nothing new for the job
         uid = self.store.drop_pod(body) if event_type == "DELETED" else self.store.put_pod(body)
