@@ -476,16 +476,24 @@ class RealFaults:
         try:
             lost = {p.metadata.name: p.metadata.labels for p in self._running(node)}
             self.chaos.dead_pods |= set(lost)  # their processes died with the agent (parent-death signal)
-            held = {labels[Label.JOB_NAME]: int(labels[Label.ATTEMPT]) for labels in lost.values()}
-            for name in held:
-                self.chaos.victims[name] = "node-kill"
-            self.chaos.took["node-kill"] += len(held)
+            held = {pod: (labels[Label.JOB_NAME], int(labels[Label.ATTEMPT])) for pod, labels in lost.items()}
+
+            def ended_first(pod: str) -> bool:
+                """The agent's last status write (the Pod ended by itself) was in flight when it was killed: listed
+                Running, then Succeeded/Failed without DisruptionTarget. Its job rightly ends with that attempt."""
+                phase, disrupted = self.chaos.last_seen.get(pod, ("", False))
+                return phase in {"Succeeded", "Failed"} and not disrupted
 
             def replaced() -> bool:
                 jobs = self._jobs()
-                return all((jobs[name].get("status") or {}).get("attempts", 0) > n for name, n in held.items())
+                return all((jobs[name].get("status") or {}).get("attempts", 0) > n or ended_first(pod)
+                           for pod, (name, n) in held.items())  # fmt: skip
 
             wait_for(replaced, NODE_TIMEOUT, 0.5, what=f"new attempts for the jobs of lost node {node}: {held}")
+            victims = {name for pod, (name, _) in held.items() if not ended_first(pod)}
+            for name in victims:
+                self.chaos.victims[name] = "node-kill"
+            self.chaos.took["node-kill"] += len(victims)
         finally:
             agent.start()  # the node comes back and finishes the deletions it missed
             self.sandbox.wait_nodes_ready(NODE_TIMEOUT)
