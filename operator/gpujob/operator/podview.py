@@ -194,8 +194,11 @@ def rejected_by_node(pod: PodView) -> bool:
 
 
 def taken_away(pod: PodView) -> str | None:
-    """Why a Failed Pod ended from outside (not the job's failure: the next attempt starts at once, uncounted),
-    or None when the job failed by itself."""
+    """Why a Pod that ended (Failed, or Succeeded though stopped) ended from outside (not the job's doing: the
+    next attempt starts at once, uncounted), or None when the job failed or succeeded by itself."""
+    if pod.phase == PodPhase.SUCCEEDED:
+        stopped = stopped_by_disruption(pod)
+        return f"{pod.disruption} (its worker exited 0 when stopped: the work is not done)" if stopped else None
     if storage_limit_exceeded(pod):
         return None
     if rejected_by_node(pod):

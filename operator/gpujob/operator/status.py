@@ -25,7 +25,6 @@ from gpujob.operator.podview import (
     PodView,
     failure_reason,
     rejected_by_node,
-    stopped_by_disruption,
     storage_limit_exceeded,
     taken_away,
     worker_result,
@@ -439,28 +438,22 @@ def _observe_pod(b: _Builder, d: Decision, spec: GpuJobSpec, pod: PodView, now: 
         b.cond(ConditionType.SCHEDULED, True, Reason.POD_RUNNING, f"running on {pod.node_name}")
         b.cond(ConditionType.RUNNING, True, Reason.POD_RUNNING, f"attempt {pod.attempt} running")
         b.phase(Phase.RUNNING, Reason.POD_RUNNING, f"attempt {pod.attempt} running on {pod.node_name}")
-    elif pod.phase == PodPhase.SUCCEEDED and stopped_by_disruption(pod):
+    elif pod.phase in {PodPhase.SUCCEEDED, PodPhase.FAILED} and (taken := taken_away(pod)) is not None:
         if not pod.deleting:
             d.delete_pods.append(pod.name)
-        text = f"attempt {pod.attempt} {pod.disruption}: its worker exited 0 when stopped, the work is not done"
-        _start_attempt(b, d, spec, Reason.EVICTED, text, pods)
+        if rejected_by_node(pod):
+            # The kubelet's reason and message are kept: the status says which node refused and why.
+            restart = Reason.NODE_REJECTED
+            where = f" by node {pod.node_name}" if pod.node_name else ""
+            text = f"attempt {pod.attempt} rejected{where} ({taken}): {pod.message or ''}".rstrip(": ")
+            b.cond(ConditionType.RUNNING, False, restart, text)
+        else:
+            restart = Reason.POD_DELETED if taken == "deleted" else Reason.EVICTED
+            text = f"attempt {pod.attempt} {taken}: {pod.message or ''}".rstrip(": ")
+        _start_attempt(b, d, spec, restart, text, pods)
     elif pod.phase == PodPhase.SUCCEEDED:
         _succeed(b, d, spec, pod, now)
     elif pod.phase == PodPhase.FAILED:
-        if (taken := taken_away(pod)) is not None:
-            if not pod.deleting:
-                d.delete_pods.append(pod.name)
-            if rejected_by_node(pod):
-                # The kubelet's reason and message are kept: the status says which node refused and why.
-                restart = Reason.NODE_REJECTED
-                where = f" by node {pod.node_name}" if pod.node_name else ""
-                text = f"attempt {pod.attempt} rejected{where} ({taken}): {pod.message or ''}".rstrip(": ")
-                b.cond(ConditionType.RUNNING, False, restart, text)
-            else:
-                restart = Reason.POD_DELETED if taken == "deleted" else Reason.EVICTED
-                text = f"attempt {pod.attempt} {taken}: {pod.message or ''}".rstrip(": ")
-            _start_attempt(b, d, spec, restart, text, pods)
-            return
         if pod.exit_code == 0 and not storage_limit_exceeded(pod):
             # the worker succeeded; another container of its Pod (a sidecar) failed
             _succeed(b, d, spec, pod, now)
